@@ -29,10 +29,10 @@ _LAZY = {
 __all__ = ["AdapterError", "DbAdaptersError", "InputError", "__version__", *_LAZY]
 
 if TYPE_CHECKING:
-    from .adapter import Adapter, load_adapter, unload_adapter
-    from .api import personalize
-    from .binder import choose_identifier, validate_identifier
-    from .strategies import Strategy, available_strategies, get_strategy, register_strategy
+    from .adapter import Adapter, load_adapter, unload_adapter  # noqa: F401
+    from .api import personalize  # noqa: F401
+    from .binder import choose_identifier, validate_identifier  # noqa: F401
+    from .strategies import Strategy, available_strategies, get_strategy, register_strategy  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

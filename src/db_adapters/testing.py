@@ -8,11 +8,12 @@ shipped English word list; the trained files ship in `data/tiny_tokenizer/` so e
 
 from __future__ import annotations
 
-import gzip
 import json
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .binder import english_words
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -45,13 +46,6 @@ def _bytes_to_unicode() -> dict[int, str]:
             chars.append(256 + extra)
             extra += 1
     return dict(zip(printable, (chr(c) for c in chars), strict=True))
-
-
-def english_words() -> list[str]:
-    """The shipped English word list (SCOWL size 50 via Debian's wamerican), lower-case, sorted."""
-    path = resources.files("db_adapters") / "data" / "english_words.txt.gz"
-    with gzip.open(path.open("rb"), "rt", encoding="utf-8") as handle:
-        return [line.strip() for line in handle if line.strip() and not line.startswith("#")]
 
 
 def train_tiny_bpe(vocab_size: int = TINY_VOCAB_SIZE) -> tuple[dict[str, int], list[str]]:

@@ -1,0 +1,204 @@
+"""The `Adapter`: what `personalize` returns, and the save / load / unload verbs around it.
+
+A pipeline carries at most one db-adapters adapter at a time (see `attached_adapter`); a second
+`personalize` or `load_adapter` on it is refused until `unload_adapter(pipe)` takes the first out.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import __version__
+from .errors import AdapterError
+from .export import check_output_path, pack_metadata, read_file_metadata, unpack_metadata
+from .pipelines import architecture_fingerprint, check_supported, model_id, weights_fingerprint
+from .strategies import Strategy, get_strategy
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+_ATTRIBUTE = "_db_adapter"
+
+
+class BaseModelWarning(UserWarning):
+    """The adapter was trained on another checkpoint of the same architecture."""
+
+
+@dataclass
+class Adapter:
+    """A trained subject adapter, attached to the pipeline it lives in.
+
+    Attributes:
+        identifier (`str`): the rare token bound to the subject, e.g. "olg".
+        class_noun (`str`): the subject's class, e.g. "dog".
+        instance_prompt (`str`): the training prompt, e.g. "a olg dog".
+        strategy (`Strategy`): the strategy whose weights are in the pipeline.
+        history (`list[dict]`): per-step losses of the training run (empty after `load_adapter`).
+    """
+
+    identifier: str
+    class_noun: str
+    instance_prompt: str
+    strategy: Strategy
+    base_model: dict[str, str]
+    resolution: int
+    steps: int
+    pipe: Any = field(repr=False, default=None)
+    history: list[dict[str, float]] = field(default_factory=list, repr=False)
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def metadata(self) -> dict[str, Any]:
+        """Everything the file's header records about this adapter (JSON-able)."""
+        return {
+            "identifier": self.identifier,
+            "class_noun": self.class_noun,
+            "instance_prompt": self.instance_prompt,
+            "strategy": self.strategy.name,
+            "strategy_config": self.strategy.config(),
+            "train_text_encoder": self.strategy.train_text_encoder,
+            "base_model": self.base_model,
+            "resolution": self.resolution,
+            "steps": self.steps,
+            "library_version": __version__,
+            **self.extra,
+        }
+
+    def save(self, path: str | os.PathLike, dtype: torch.dtype | str | None = None) -> Path:
+        """Write the adapter to one safetensors file, atomically.
+
+        Args:
+            path (`str | PathLike`): a `.safetensors` file name; its folder is created if needed.
+            dtype (`torch.dtype | str | None`): store weights as float16/bfloat16 to halve the file;
+                None keeps them as trained (fp32).
+
+        Example:
+            >>> adapter.save("my_dog.safetensors")  # doctest: +SKIP
+        """
+        path = check_output_path(path)
+        if self.pipe is None or attached_adapter(self.pipe) is not self:
+            raise AdapterError("this adapter is no longer attached to its pipeline (it was unloaded); cannot save.")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.strategy.save(self.pipe, path, pack_metadata(self.metadata()), _as_dtype(dtype))
+        return path
+
+
+def attached_adapter(pipe: Any) -> Adapter | None:
+    """The db-adapters adapter a pipeline carries, or None."""
+    return getattr(pipe, _ATTRIBUTE, None)
+
+
+def attach(pipe: Any, adapter: Adapter) -> None:
+    adapter.pipe = pipe
+    object.__setattr__(pipe, _ATTRIBUTE, adapter)
+
+
+def refuse_if_adapted(pipe: Any) -> None:
+    """Raise `AdapterError` if the pipeline already carries an adapter (ours or any peft LoRA)."""
+    current = attached_adapter(pipe)
+    if current is not None:
+        raise AdapterError(
+            f"this pipeline already carries the adapter for {current.instance_prompt!r}; "
+            "call db_adapters.unload_adapter(pipe) first (one adapter per pipeline)."
+        )
+    for component in ("unet", "text_encoder"):
+        module = getattr(pipe, component, None)
+        if module is not None and getattr(module, "peft_config", None):
+            raise AdapterError(
+                f"the pipeline's {component} already has LoRA adapters {sorted(module.peft_config)}; "
+                "unload them with pipe.unload_lora_weights() or fuse them with pipe.fuse_lora() first."
+            )
+
+
+def base_model_info(pipe: StableDiffusionPipeline) -> dict[str, str]:
+    return {
+        "model_id": model_id(pipe),
+        "architecture": architecture_fingerprint(pipe),
+        "weights": weights_fingerprint(pipe),
+    }
+
+
+def load_adapter(pipe: StableDiffusionPipeline, path: str | os.PathLike) -> Adapter:
+    """Put a saved adapter into a pipeline; the pipeline then generates the subject.
+
+    Args:
+        pipe (`StableDiffusionPipeline`): a pipeline of the architecture the adapter was trained on.
+        path (`str | PathLike`): the adapter's `.safetensors` file.
+
+    Returns:
+        The `Adapter`, with `.identifier` to use in prompts.
+
+    Example:
+        >>> adapter = load_adapter(pipe, "my_dog.safetensors")  # doctest: +SKIP
+        >>> image = pipe(f"a {adapter.identifier} dog on the beach").images[0]  # doctest: +SKIP
+    """
+    check_supported(pipe)
+    info = unpack_metadata(read_file_metadata(path), path)
+    refuse_if_adapted(pipe)
+    _check_base_model(pipe, info, path)
+    strategy = get_strategy(info["strategy"])(**info["strategy_config"])
+    strategy.load(pipe, Path(path))
+    adapter = Adapter(
+        identifier=info["identifier"],
+        class_noun=info["class_noun"],
+        instance_prompt=info["instance_prompt"],
+        strategy=strategy,
+        base_model=info.get("base_model", {}),
+        resolution=int(info.get("resolution", 0)),
+        steps=int(info.get("steps", 0)),
+    )
+    attach(pipe, adapter)
+    return adapter
+
+
+def unload_adapter(pipe: StableDiffusionPipeline) -> None:
+    """Take the db-adapters adapter out of a pipeline: it is the base model again.
+
+    Args:
+        pipe (`StableDiffusionPipeline`): a pipeline returned to by `personalize` or `load_adapter`.
+
+    Example:
+        >>> unload_adapter(pipe)  # doctest: +SKIP
+    """
+    adapter = attached_adapter(pipe)
+    if adapter is None:
+        raise AdapterError("this pipeline carries no db-adapters adapter; nothing to unload.")
+    adapter.strategy.remove(pipe)
+    object.__delattr__(pipe, _ATTRIBUTE)
+    adapter.pipe = None
+
+
+def _check_base_model(pipe: StableDiffusionPipeline, info: dict[str, Any], path: str | os.PathLike) -> None:
+    base = info.get("base_model") or {}
+    if not isinstance(base, dict):
+        raise AdapterError(f"{str(path)!r}: metadata field 'base_model' is not a JSON object.")
+    if base.get("architecture") and base["architecture"] != architecture_fingerprint(pipe):
+        raise AdapterError(
+            f"{str(path)!r} was trained on another architecture ({base.get('model_id') or 'unknown model'}); "
+            "load it into a pipeline of that model."
+        )
+    if base.get("weights") and base["weights"] != weights_fingerprint(pipe):
+        warnings.warn(
+            f"{str(path)!r} was trained on another checkpoint ({base.get('model_id') or 'unknown'}) of this "
+            "architecture; results may differ from what was trained.",
+            BaseModelWarning,
+            stacklevel=2,
+        )
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    import torch
+
+    if dtype is None or isinstance(dtype, torch.dtype):
+        if dtype not in (None, torch.float32, torch.float16, torch.bfloat16):
+            raise AdapterError(f"dtype {dtype} is not supported; use float32, float16 or bfloat16.")
+        return dtype
+    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}
+    names |= {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if dtype not in names:
+        raise AdapterError(f"dtype {dtype!r} is not supported; use float32, float16 or bfloat16.")
+    return names[dtype]

@@ -1,0 +1,230 @@
+"""`db-adapt`: the command line. Thin: it parses, calls the library, and turns errors into one line.
+
+Every error db-adapters raises on purpose (`DbAdaptersError`), and file-system errors, become one
+line on stderr naming the input and what to do, with exit code 2; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import DbAdaptersError, InputError
+
+EXIT_BAD_INPUT = 2
+
+
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(code)
+
+
+def friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a command, turning expected errors into one line and an exit code instead of a traceback."""
+
+    @wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        debug = click.get_current_context().find_root().params.get("debug", False)
+        try:
+            return command(*args, **kwargs)
+        except (DbAdaptersError, OSError) as error:
+            if debug:
+                raise
+            _fail(_one_line(error))
+        except KeyboardInterrupt:
+            _fail("interrupted; nothing was saved.", code=130)
+        except Exception as error:  # a bug of ours: still one line, the traceback on request
+            if debug:
+                raise
+            _fail(
+                f"unexpected {type(error).__name__}: {_one_line(error)} (rerun with --debug for details)",
+                code=1,
+            )
+
+    return run
+
+
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.filename:
+        return f"{error.strerror or error} : {error.filename!r}"
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
+def load_pipeline(model: str, device: str | None) -> Any:
+    """Load a diffusers pipeline from a local folder or hub id (safetensors only) onto `device`."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from .pipelines import check_supported
+
+    if not model:
+        raise InputError("--model is required: a local diffusers folder or a hub id.")
+    local = Path(model)
+    if local.exists() and not (local / "model_index.json").is_file():
+        raise InputError(f"--model {model!r} is not a diffusers pipeline folder (it has no model_index.json).")
+    try:
+        # use_safetensors=True: never unpickle weights; a .bin-only model is refused.
+        pipe = DiffusionPipeline.from_pretrained(model, use_safetensors=True, safety_checker=None)
+    except (OSError, ValueError) as error:
+        raise InputError(
+            f"--model {model!r} could not be loaded ({_one_line(error)[:200]}); pass a local diffusers folder, "
+            "or a hub id with network access or a filled hub cache."
+        ) from None
+    check_supported(pipe)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        pipe.to(torch.device(device))
+    except (RuntimeError, AssertionError) as error:
+        raise InputError(f"--device {device!r} cannot be used ({_one_line(error)[:120]}).") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.version_option(package_name="db-adapters")
+def main(debug: bool) -> None:
+    """DreamBooth personalization for diffusers pipelines."""
+
+
+@main.command()
+@click.option("--model", required=True, help="Local diffusers folder or hub id of an SD 1.x/2.x pipeline.")
+@click.option("--images", required=True, help="Folder of 3-5 photos of the subject.")
+@click.option("--class-noun", required=True, help='The subject\'s class, e.g. "dog".')
+@click.option("--output", required=True, type=click.Path(dir_okay=False), help="Adapter file (.safetensors).")
+@click.option("--strategy", default="lora", show_default=True, help="Registered strategy: lora, full, ...")
+@click.option("--identifier", default=None, help="Rare token for the subject; chosen for you if left out.")
+@click.option("--instance-prompt", default=None, help='Default "a {identifier} {class noun}".')
+@click.option("--class-prompt", default=None, help='Default "a {class noun}".')
+@click.option("--steps", type=int, default=None, help="Optimiser steps (default 800).")
+@click.option("--learning-rate", type=float, default=None, help="Default: LoRA 1e-4, full 5e-6.")
+@click.option("--text-encoder-learning-rate", type=float, default=None)
+@click.option("--batch-size", type=int, default=1, show_default=True)
+@click.option("--gradient-accumulation-steps", type=int, default=1, show_default=True)
+@click.option("--prior-preservation/--no-prior-preservation", default=True, show_default=True)
+@click.option("--num-class-images", type=int, default=None, help="Class images (default 200).")
+@click.option("--prior-loss-weight", type=float, default=1.0, show_default=True)
+@click.option("--class-images", default=None, help="Folder of your own class images (topped up if too few).")
+@click.option("--train-text-encoder", is_flag=True)
+@click.option("--resolution", type=int, default=None, help="Default: the model's native size.")
+@click.option("--snr-gamma", type=float, default=None)
+@click.option("--noise-offset", type=float, default=0.0, show_default=True)
+@click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default=None)
+@click.option("--use-8bit-adam", is_flag=True)
+@click.option("--gradient-checkpointing", is_flag=True)
+@click.option("--lr-scheduler", default="constant", show_default=True)
+@click.option("--lr-warmup-steps", type=int, default=0, show_default=True)
+@click.option("--max-grad-norm", type=float, default=1.0, show_default=True)
+@click.option("--validation-prompt", "validation_prompts", multiple=True, help='Preview prompt; "{id}" ok.')
+@click.option("--validation-every", type=int, default=None)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--output-dir", default=None, help="The run's files: class-image cache, previews.")
+@click.option("--random-flip", is_flag=True)
+@click.option("--class-sampler", default="dpmsolver++", show_default=True)
+@click.option("--class-inference-steps", type=int, default=25, show_default=True)
+@click.option("--rank", type=int, default=None, help="LoRA rank (default 4).")
+@click.option("--alpha", type=float, default=None, help="LoRA alpha (default = rank).")
+@click.option("--target-modules", default=None, help="LoRA UNet modules, comma-separated.")
+@click.option("--dropout", type=float, default=None, help="LoRA dropout.")
+@click.option("--strict", is_flag=True, help="A questionable --identifier is an error, not a warning.")
+@click.option("--save-dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available).")
+@friendly_errors
+def train(
+    model: str, images: str, class_noun: str, output: str, device: str | None, save_dtype: str, **kw: Any
+) -> None:
+    """Personalize a pipeline on a folder of subject photos and save the adapter."""
+    from .api import personalize
+    from .export import check_output_path
+
+    output_path = check_output_path(output)
+    strategy_options = {k: kw.pop(k) for k in ("rank", "alpha", "target_modules", "dropout") if kw[k] is not None}
+    for key in ("rank", "alpha", "target_modules", "dropout"):
+        kw.pop(key, None)
+    kw["validation_prompts"] = list(kw["validation_prompts"]) or None
+    pipe = load_pipeline(model, device)
+    adapter = personalize(pipe, images, class_noun, **kw, **strategy_options)
+    adapter.save(output_path, dtype=save_dtype)
+    click.echo(f"saved {output_path} ({output_path.stat().st_size / 1e6:.2f} MB)")
+    click.echo(f'identifier: {adapter.identifier}   try: --prompt "a {{id}} {adapter.class_noun} on the beach"')
+
+
+@main.command()
+@click.option("--model", required=True, help="Local diffusers folder or hub id the adapter was trained on.")
+@click.option("--adapter", "adapter_path", default=None, help="Adapter file; without one, the base model.")
+@click.option("--prompt", required=True, help='Prompt; "{id}" becomes the adapter\'s identifier.')
+@click.option("--negative-prompt", default=None)
+@click.option("--num-images", type=int, default=1, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--steps", type=int, default=25, show_default=True)
+@click.option("--guidance-scale", type=float, default=7.5, show_default=True)
+@click.option("--lora-scale", type=float, default=1.0, show_default=True, help="LoRA strength.")
+@click.option("--device", default=None)
+@click.option("--output", required=True, type=click.Path(dir_okay=False), help="PNG grid of the images.")
+@friendly_errors
+def generate(
+    model: str,
+    adapter_path: str | None,
+    prompt: str,
+    negative_prompt: str | None,
+    num_images: int,
+    seed: int,
+    steps: int,
+    guidance_scale: float,
+    lora_scale: float,
+    device: str | None,
+    output: str,
+) -> None:
+    """Generate images with a saved adapter (a PNG grid)."""
+    from .generation import check_png_path, render_grid
+
+    output_path = check_png_path(output)
+    if num_images <= 0 or steps <= 0:
+        raise InputError("--num-images and --steps must be positive integers.")
+    pipe = load_pipeline(model, device)
+    identifier = None
+    if adapter_path is not None:
+        from .adapter import load_adapter
+
+        identifier = load_adapter(pipe, adapter_path).identifier
+    if "{id}" in prompt and identifier is None:
+        raise InputError('--prompt uses "{id}" but no --adapter was given.')
+    text = prompt.replace("{id}", identifier or "")
+    render_grid(
+        pipe,
+        text,
+        output_path,
+        num_images=num_images,
+        seed=seed,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        negative_prompt=negative_prompt,
+        lora_scale=lora_scale,
+    )
+    click.echo(f"wrote {output_path} ({num_images} image(s) of {text!r})")
+
+
+@main.command()
+@click.argument("adapter_path", metavar="ADAPTER")
+@friendly_errors
+def inspect(adapter_path: str) -> None:
+    """Print an adapter file's metadata and size."""
+    from .export import read_file_metadata, read_tensors, unpack_metadata
+
+    info = unpack_metadata(read_file_metadata(adapter_path), adapter_path)
+    tensors = read_tensors(adapter_path)
+    info["tensors"] = len(tensors)
+    info["parameters"] = sum(t.numel() for t in tensors.values())
+    info["file_bytes"] = Path(adapter_path).stat().st_size
+    click.echo(json.dumps(info, indent=2, sort_keys=True))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

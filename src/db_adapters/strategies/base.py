@@ -1,0 +1,81 @@
+"""The contract every strategy meets: put trainable weights into a pipeline, and take them out again.
+
+The trainer sees only `trainable_parameters()`; it never knows which strategy it runs. A strategy
+never sees the CLI or the data; it knows how its weights enter a pipeline (`apply`, `load`), how they
+leave it (`remove`) and how they are written to one safetensors file (`save`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+
+@dataclasses.dataclass
+class NoOptions:
+    """Options of a strategy that takes none."""
+
+
+class Strategy(ABC):
+    """Base class of strategies. Subclasses set `name`, `Options` and `default_learning_rate`.
+
+    `Options` is a dataclass whose fields are the strategy's keyword options (`rank=8` for LoRA);
+    its `__post_init__` rejects bad values with `InputError`.
+    """
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    default_learning_rate: ClassVar[float] = 1e-4
+    # Components this strategy trains; set by `apply`.
+    components: tuple[str, ...] = ()
+
+    def __init__(self, **options: Any) -> None:
+        known = {f.name for f in dataclasses.fields(self.Options)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            accepted = ", ".join(sorted(known)) or "none"
+            raise InputError(
+                f"option(s) {', '.join(unknown)} do not belong to strategy {self.name!r}; it accepts: {accepted}."
+            )
+        self.options = self.Options(**options)
+        self.train_text_encoder = False
+
+    def config(self) -> dict[str, Any]:
+        """The options as plain JSON-able values, for metadata."""
+        return dataclasses.asdict(self.options)
+
+    def components_for(self, train_text_encoder: bool) -> tuple[str, ...]:
+        return ("unet", "text_encoder") if train_text_encoder else ("unet",)
+
+    @abstractmethod
+    def apply(self, pipe: StableDiffusionPipeline, *, train_text_encoder: bool) -> None:
+        """Make the pipeline trainable in this strategy's way (before training)."""
+
+    @abstractmethod
+    def trainable_parameters(self, pipe: StableDiffusionPipeline) -> dict[str, list[torch.nn.Parameter]]:
+        """The parameters to optimise, per component name ("unet", "text_encoder")."""
+
+    def finish(self, pipe: StableDiffusionPipeline) -> None:  # noqa: B027 - optional hook
+        """Called after training succeeds: leave the pipeline ready for inference."""
+
+    @abstractmethod
+    def remove(self, pipe: StableDiffusionPipeline) -> None:
+        """Take this strategy's weights out again: the pipeline is the base model once more."""
+
+    @abstractmethod
+    def save(
+        self, pipe: StableDiffusionPipeline, path: Path, metadata: dict[str, str], dtype: torch.dtype | None
+    ) -> None:
+        """Write the trained weights to the safetensors file `path` (atomically), with `metadata`."""
+
+    @abstractmethod
+    def load(self, pipe: StableDiffusionPipeline, path: Path) -> None:
+        """Put the weights of the file `path` into the pipeline (the inverse of `save`)."""

@@ -1,0 +1,97 @@
+"""Shared fixtures: the real CLIP vocabulary, built offline from the open-clip-torch wheel."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+CLIP_VOCAB_DIR = Path.home() / ".cache" / "db_adapters_tests" / "clip_vocab"
+_BPE_MEMBER = "open_clip/bpe_simple_vocab_16e6.txt.gz"
+_PIP_TIMEOUT_S = 120
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # open_clip's (OpenAI CLIP's) reversible byte -> printable character table.
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in chars), strict=True))
+
+
+def _write_clip_vocab(bpe_gz: bytes, folder: Path) -> None:
+    # Exactly open_clip's SimpleTokenizer: the first 49152 - 256 - 2 merges after the header line,
+    # 256 byte symbols, the same with "</w>", one token per merge, then the two special tokens.
+    lines = gzip.decompress(bpe_gz).decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    vocab = list(_bytes_to_unicode().values())
+    vocab += [v + "</w>" for v in vocab]
+    vocab += ["".join(merge) for merge in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True)
+    (folder / "vocab.json").write_text(
+        json.dumps({token: i for i, token in enumerate(vocab)}, ensure_ascii=False), encoding="utf-8"
+    )
+    (folder / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(" ".join(merge) for merge in merges) + "\n", encoding="utf-8"
+    )
+
+
+def _fetch_clip_vocab() -> None:
+    CLIP_VOCAB_DIR.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=CLIP_VOCAB_DIR.parent) as tmp:
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+        command += ["--disable-pip-version-check", "-q", "open-clip-torch", "-d", tmp]
+        try:
+            subprocess.run(command, check=True, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            pytest.skip(f"real CLIP vocabulary unavailable: pip download took over {_PIP_TIMEOUT_S} s")
+        except (OSError, subprocess.CalledProcessError) as error:
+            detail = getattr(error, "stderr", "") or str(error)
+            pytest.skip(f"real CLIP vocabulary unavailable: pip download failed: {detail.strip()[-300:]}")
+        wheels = sorted(Path(tmp).glob("open_clip_torch-*.whl"))
+        if not wheels:
+            pytest.skip("real CLIP vocabulary unavailable: pip gave no open_clip_torch wheel")
+        try:
+            with zipfile.ZipFile(wheels[-1]) as wheel:
+                bpe_gz = wheel.read(_BPE_MEMBER)
+        except (KeyError, zipfile.BadZipFile) as error:
+            pytest.skip(f"real CLIP vocabulary unavailable: {wheels[-1].name}: {error}")
+        # Build beside the cache and rename into place, so an interrupted run never leaves a
+        # half-written cache behind.
+        staging = Path(tmp) / "clip_vocab"
+        _write_clip_vocab(bpe_gz, staging)
+        try:
+            os.rename(staging, CLIP_VOCAB_DIR)
+        except OSError:
+            if not (CLIP_VOCAB_DIR / "merges.txt").is_file():
+                raise
+
+
+@pytest.fixture(scope="session")
+def clip_tokenizer():
+    """`transformers.CLIPTokenizer` over the real 49,408-token CLIP vocabulary (SD 1.x/2.x/XL).
+
+    Downloaded once per machine into `~/.cache/db_adapters_tests/clip_vocab`; skips if unavailable.
+    """
+    from transformers import CLIPTokenizer
+
+    if not (CLIP_VOCAB_DIR / "merges.txt").is_file():
+        if CLIP_VOCAB_DIR.exists():
+            shutil.rmtree(CLIP_VOCAB_DIR)
+        _fetch_clip_vocab()
+    return CLIPTokenizer.from_pretrained(str(CLIP_VOCAB_DIR), model_max_length=77)
