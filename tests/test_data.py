@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -216,19 +218,45 @@ def _open_paths_under(folder: Path) -> list[str]:
     return [target for target in targets if target.startswith(str(folder))]
 
 
+def folder_of_single_and_multi_frame_images(folder: Path) -> None:
+    # Pillow closes single-frame files itself after load(); multi-frame files (animated GIF,
+    # multi-page TIFF) stay open for seeking until closed, so they are the ones that can leak.
+    solid(RED).save(folder / "0.png")
+    solid(RED).save(folder / "1.jpg")
+    for name in ("2.gif", "3.tif"):
+        solid(RED).save(folder / name, save_all=True, append_images=[solid(BLUE)])
+
+
+def test_multi_frame_images_load_their_first_frame(tmp_path):
+    folder_of_single_and_multi_frame_images(tmp_path)
+    loaded = load_images(tmp_path)
+    assert [image.getpixel((0, 0)) for image in loaded[2:]] == [RED, RED]
+
+
+def test_no_unclosed_file_warnings(tmp_path):
+    folder_of_single_and_multi_frame_images(tmp_path)
+    (tmp_path / "4.png").write_bytes(b"garbage")  # the error path must close its file too
+    with warnings.catch_warnings(record=True) as caught:
+        # Files left open are closed when garbage-collected, with a ResourceWarning naming them.
+        warnings.simplefilter("always", ResourceWarning)
+        load_images([tmp_path / name for name in ("0.png", "1.jpg", "2.gif", "3.tif")])
+        with pytest.raises(InputError):
+            load_images(tmp_path)
+        gc.collect()
+    assert [str(warning.message) for warning in caught if warning.category is ResourceWarning] == []
+
+
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux /proc to list open files")
 def test_no_file_handles_stay_open(tmp_path):
-    for index in range(5):
-        solid(RED).save(tmp_path / f"{index}.png")
-    solid(RED).save(tmp_path / "5.jpg")
+    folder_of_single_and_multi_frame_images(tmp_path)
     fds_before = len(os.listdir("/proc/self/fd"))
 
     loaded = load_images(tmp_path)
-    (tmp_path / "6.png").write_bytes(b"garbage")
-    with pytest.raises(InputError):  # the error path must close its file too
+    (tmp_path / "4.png").write_bytes(b"garbage")
+    with pytest.raises(InputError):
         load_images(tmp_path)
 
-    assert len(loaded) == 6
+    assert len(loaded) == 4
     assert _open_paths_under(tmp_path) == []
     assert len(os.listdir("/proc/self/fd")) <= fds_before
 

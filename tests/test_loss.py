@@ -76,9 +76,7 @@ def test_gradients_flow_through_total_and_instance_stays_attached():
     prior_prediction = torch.tensor([[[[2.0, 2.0]]]], requires_grad=True)
     zeros = torch.zeros(1, 1, 1, 2)
     loss = PriorPreservationLoss(ALPHAS_CUMPROD, prior_loss_weight=0.5)
-    terms = loss(
-        LossHalf(prediction, zeros, torch.tensor([0])), LossHalf(prior_prediction, zeros, torch.tensor([1]))
-    )
+    terms = loss(LossHalf(prediction, zeros, torch.tensor([0])), LossHalf(prior_prediction, zeros, torch.tensor([1])))
     assert terms.instance.requires_grad and terms.prior.requires_grad
     terms.total.backward()
     # instance: d/dx of (x0^2 + x1^2) / 2 is x -> [1, 3]
@@ -119,9 +117,7 @@ def test_timestep_weights(prediction_type, snr_gamma, expected):
 def test_zero_terminal_snr_gives_finite_weights():
     # alpha_bar = 0 -> snr 0 (zero-terminal-SNR schedules); alpha_bar = 1 -> snr infinite.
     alphas = torch.tensor([0.8, 0.0, 1.0])
-    epsilon = PriorPreservationLoss(alphas, "epsilon", snr_gamma=2.0).timestep_weights(
-        torch.tensor([0, 1, 2])
-    )
+    epsilon = PriorPreservationLoss(alphas, "epsilon", snr_gamma=2.0).timestep_weights(torch.tensor([0, 1, 2]))
     # min(snr, 2) / snr: 2 / 4 = 0.5; at snr -> 0 the ratio snr / snr -> 1; at snr = inf, 2 / inf = 0
     assert epsilon.tolist() == pytest.approx([0.5, 1.0, 0.0])
     v = PriorPreservationLoss(alphas, "v_prediction", snr_gamma=2.0).timestep_weights(torch.tensor([0, 1, 2]))

@@ -7,6 +7,7 @@ line on stderr naming the input and what to do, with exit code 2; `--debug` show
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -59,10 +60,15 @@ def _one_line(error: BaseException) -> str:
 
 def load_pipeline(model: str, device: str | None) -> Any:
     """Load a diffusers pipeline from a local folder or hub id (safetensors only) onto `device`."""
+    import diffusers.utils.logging
     import torch
+    import transformers.utils.logging
     from diffusers import DiffusionPipeline
 
     from .pipelines import check_supported
+
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
 
     if not model:
         raise InputError("--model is required: a local diffusers folder or a hub id.")
@@ -92,6 +98,14 @@ def load_pipeline(model: str, device: str | None) -> Any:
 @click.version_option(package_name="db-adapters")
 def main(debug: bool) -> None:
     """DreamBooth personalization for diffusers pipelines."""
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Keep transformers' and diffusers' info chatter and loading bars off a command's output."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 @main.command()
@@ -142,15 +156,22 @@ def train(
 ) -> None:
     """Personalize a pipeline on a folder of subject photos and save the adapter."""
     from .api import personalize
+    from .binder import validate_class_noun
+    from .data import load_images
     from .export import check_output_path
 
     output_path = check_output_path(output)
+    # Cheap checks first: a typo in --images should not wait for a multi-GB model to load.
+    subject = load_images(images, name="--images")
+    class_noun = validate_class_noun(class_noun)
+    if kw["class_images"] is not None:
+        kw["class_images"] = load_images(kw["class_images"], name="--class-images")
     strategy_options = {k: kw.pop(k) for k in ("rank", "alpha", "target_modules", "dropout") if kw[k] is not None}
     for key in ("rank", "alpha", "target_modules", "dropout"):
         kw.pop(key, None)
     kw["validation_prompts"] = list(kw["validation_prompts"]) or None
     pipe = load_pipeline(model, device)
-    adapter = personalize(pipe, images, class_noun, **kw, **strategy_options)
+    adapter = personalize(pipe, subject, class_noun, **kw, **strategy_options)
     adapter.save(output_path, dtype=save_dtype)
     click.echo(f"saved {output_path} ({output_path.stat().st_size / 1e6:.2f} MB)")
     click.echo(f'identifier: {adapter.identifier}   try: --prompt "a {{id}} {adapter.class_noun} on the beach"')

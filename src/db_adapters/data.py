@@ -102,9 +102,7 @@ def preprocess(image: Image.Image, resolution: int, *, flip: bool = False) -> to
 
     size = validate_resolution(resolution)
     if not isinstance(image, Image.Image):
-        raise InputError(
-            f"preprocess: expected a PIL image, got a {type(image).__name__}; use load_images first"
-        )
+        raise InputError(f"preprocess: expected a PIL image, got a {type(image).__name__}; use load_images first")
     square = _centre_crop(_resize_shorter_side(_to_rgb(image), size), size)
     if flip:
         square = square.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -211,13 +209,12 @@ def _load_list_item(item: object, label: str) -> Image.Image:
 def _load_image_file(path: Path, name: str) -> Image.Image:
     try:
         # load() inside the try: Image.open only reads the header, so truncated data surfaces here.
-        if (image := Image.open(path)):
+        with Image.open(path) as image:
             image.load()
             return _upright_rgb(image)
     except _UNREADABLE_IMAGE_ERRORS as error:
         raise InputError(
-            f"{name}: {path} is not a readable image ({error}); "
-            "remove it or replace it with a valid image file"
+            f"{name}: {path} is not a readable image ({error}); remove it or replace it with a valid image file"
         ) from error
 
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -150,13 +153,29 @@ class Lora(Strategy):
         self.train_text_encoder = "text_encoder" in components
         _check_lora_metadata(header, path)
         try:
-            pipe.load_lora_weights(str(path), adapter_name=ADAPTER_NAME)
+            with _diffusers_log_level(logging.ERROR if not self.train_text_encoder else None):
+                pipe.load_lora_weights(str(path), adapter_name=ADAPTER_NAME)
         except (ValueError, RuntimeError, KeyError) as error:
             pipe.unload_lora_weights()
             raise AdapterError(f"{str(path)!r} does not fit this pipeline's LoRA layers ({error}).") from None
 
     def _targets(self, component: str) -> list[str]:
         return self.options.target_modules if component == "unet" else self.options.text_encoder_target_modules
+
+
+@contextmanager
+def _diffusers_log_level(level: int | None) -> Iterator[None]:
+    # A UNet-only file makes diffusers log "No LoRA keys associated to CLIPTextModel" at warning
+    # level; that is expected for our files, so it is hidden for their load only.
+    import diffusers.utils.logging as diffusers_logging
+
+    previous = diffusers_logging.get_verbosity()
+    if level is not None:
+        diffusers_logging.set_verbosity(level)
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(previous)
 
 
 def _with_text_model_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
