@@ -95,3 +95,57 @@ def clip_tokenizer():
             shutil.rmtree(CLIP_VOCAB_DIR)
         _fetch_clip_vocab()
     return CLIPTokenizer.from_pretrained(str(CLIP_VOCAB_DIR), model_max_length=77)
+
+
+# --- tiny pipelines and subject images, shared by the library and CLI tests ---------------------
+
+FAST = {"steps": 4, "num_class_images": 2, "class_inference_steps": 2, "progress": False}
+
+
+@pytest.fixture
+def fast() -> dict:
+    """Settings that make `personalize` on the tiny pipeline take about a second."""
+    return dict(FAST)
+
+
+def make_subject_images(count: int = 3, size: int = 40) -> list:
+    from PIL import Image, ImageDraw
+
+    images = []
+    for i, background in enumerate(["skyblue", "lightgreen", "wheat", "white", "pink"][:count]):
+        image = Image.new("RGB", (size, size), background)
+        ImageDraw.Draw(image).ellipse((8 + i, 8, size - 8 + i, size - 8), fill="red")
+        images.append(image)
+    return images
+
+
+@pytest.fixture
+def subject_images() -> list:
+    return make_subject_images()
+
+
+@pytest.fixture
+def subject_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "subject"
+    folder.mkdir()
+    for i, image in enumerate(make_subject_images()):
+        image.save(folder / f"photo_{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny pipeline saved as a diffusers folder, as `--model` takes it."""
+    from db_adapters.testing import tiny_pipeline
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-sd"
+    tiny_pipeline(seed=0).save_pretrained(folder)
+    return folder
+
+
+def render_np(pipe, prompt: str = "a dog", seed: int = 0, steps: int = 3):
+    """Deterministic images as a float array, for comparing pipelines pixel by pixel."""
+    import torch
+
+    generator = torch.Generator("cpu").manual_seed(seed)
+    return pipe(prompt, num_inference_steps=steps, generator=generator, output_type="np").images

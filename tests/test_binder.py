@@ -203,9 +203,7 @@ def test_different_seeds_can_differ(tokenizer):
 
 def test_choose_identifier_without_candidates(tiny, monkeypatch):
     monkeypatch.setattr(binder, "identifier_candidates", lambda tokenizer, class_noun: [])
-    with pytest.raises(
-        InputError, match=r"no identifier candidate for class noun 'dog'.*validate_identifier"
-    ):
+    with pytest.raises(InputError, match=r"no identifier candidate for class noun 'dog'.*validate_identifier"):
         choose_identifier(tiny, " dog ")
 
 

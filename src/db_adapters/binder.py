@@ -87,7 +87,7 @@ class IdentifierWarning(UserWarning):
 
 @functools.lru_cache(maxsize=1)
 def _english_word_tuple() -> tuple[str, ...]:
-    path = resources.files("db_adapters") / "data" / "english_words.txt.gz"
+    path = resources.files("db_adapters") / "assets" / "english_words.txt.gz"
     with gzip.open(path.open("rb"), "rt", encoding="utf-8") as handle:
         return tuple(line.strip() for line in handle if line.strip() and not line.startswith("#"))
 

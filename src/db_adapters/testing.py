@@ -3,7 +3,7 @@
 `tiny_pipeline()` builds a `StableDiffusionPipeline` with random weights that runs in well under a
 second on a CPU: the same classes, code paths and file formats as a real SD 1.x/2.x checkpoint, only
 small. Its tokenizer is a real byte-level BPE (CLIP's format, with merges) trained locally on the
-shipped English word list; the trained files ship in `data/tiny_tokenizer/` so every build is the same.
+shipped English word list; the trained files ship in `assets/tiny_tokenizer/` so every build is the same.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def train_tiny_bpe(vocab_size: int = TINY_VOCAB_SIZE) -> tuple[dict[str, int], l
 
 
 def _tiny_tokenizer_dir() -> Path:
-    return Path(str(resources.files("db_adapters") / "data" / "tiny_tokenizer"))
+    return Path(str(resources.files("db_adapters") / "assets" / "tiny_tokenizer"))
 
 
 def write_tiny_tokenizer_files(folder: str | Path) -> None:
@@ -204,5 +204,7 @@ def tiny_pipeline(seed: int = 0, *, v_prediction: bool = False) -> StableDiffusi
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(**tiny_components(seed, v_prediction=v_prediction))
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.eval()  # as from_pretrained leaves them
     pipe.set_progress_bar_config(disable=True)
     return pipe

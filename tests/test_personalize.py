@@ -1,0 +1,271 @@
+"""personalize() end to end on the tiny pipeline: both strategies learn, and only what they should."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import render_np
+
+from db_adapters import AdapterError, InputError, personalize, unload_adapter
+from db_adapters.data import image_batch
+from db_adapters.testing import tiny_pipeline
+from db_adapters.trainer import encode_images, encode_prompt, prompt_ids
+
+
+def fixed_instance_loss(pipe, images, prompt: str) -> float:
+    """The instance loss on fixed latents, noise and timesteps: comparable before and after training."""
+    from diffusers import DDPMScheduler
+
+    bank = encode_images(pipe, image_batch(images, 32))
+    latents = (bank.mean * bank.scaling_factor).repeat(4, 1, 1, 1)
+    generator = torch.Generator().manual_seed(1234)
+    noise = torch.randn(latents.shape, generator=generator)
+    timesteps = torch.randint(0, 1000, (latents.shape[0],), generator=generator)
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    with torch.no_grad():
+        embeds = encode_prompt(pipe.text_encoder, prompt_ids(pipe, prompt)).expand(latents.shape[0], -1, -1)
+        pred = pipe.unet(scheduler.add_noise(latents, noise, timesteps), timesteps, embeds).sample
+    return torch.nn.functional.mse_loss(pred, noise).item()
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_lora_learns_and_changes_only_adapter_weights(subject_images, tmp_path):
+    pipe = tiny_pipeline()
+    base_unet = snapshot(pipe.unet)
+    before_images = render_np(pipe)
+    adapter = personalize(
+        pipe,
+        subject_images,
+        "dog",
+        steps=40,
+        learning_rate=2e-3,
+        num_class_images=2,
+        class_inference_steps=2,
+        output_dir=tmp_path,
+        progress=False,
+    )
+    # Fresh pipeline with the same weights: the loss of the prompt before any training.
+    before = fixed_instance_loss(tiny_pipeline(), subject_images, adapter.instance_prompt)
+    after = fixed_instance_loss(pipe, subject_images, adapter.instance_prompt)
+    assert after < 0.9 * before, (before, after)
+    assert len(adapter.history) == 40 and {"instance", "prior", "loss", "lr"} <= set(adapter.history[0])
+    state = pipe.unet.state_dict()
+    lora_keys = [k for k in state if ".lora_" in k]
+    assert lora_keys
+    for key, value in base_unet.items():
+        current = state.get(
+            key, state.get(key.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias"))
+        )
+        assert torch.equal(current, value), key
+    assert any(state[k].abs().sum() > 0 for k in lora_keys if "lora_B" in k)
+    assert not any(p.requires_grad for n, p in pipe.unet.named_parameters() if ".lora_" in n)
+    assert abs(render_np(pipe) - before_images).max() > 0  # the pipe itself now carries the adapter
+
+
+def test_full_learns_and_changes_the_unet(subject_images, tmp_path):
+    pipe = tiny_pipeline()
+    base_unet = snapshot(pipe.unet)
+    base_text = snapshot(pipe.text_encoder)
+    adapter = personalize(
+        pipe,
+        subject_images,
+        "dog",
+        strategy="full",
+        steps=20,
+        learning_rate=3e-4,
+        num_class_images=2,
+        class_inference_steps=2,
+        output_dir=tmp_path,
+        progress=False,
+    )
+    before = fixed_instance_loss(tiny_pipeline(), subject_images, adapter.instance_prompt)
+    after = fixed_instance_loss(pipe, subject_images, adapter.instance_prompt)
+    assert after < 0.9 * before, (before, after)
+    changed = [k for k, v in pipe.unet.state_dict().items() if not torch.equal(v, base_unet[k])]
+    assert len(changed) > 0.5 * len(base_unet)
+    assert all(torch.equal(v, base_text[k]) for k, v in pipe.text_encoder.state_dict().items())
+
+
+@pytest.mark.parametrize("strategy", ["lora", "full"])
+def test_text_encoder_trains_when_asked(strategy, subject_images, tmp_path, fast):
+    pipe = tiny_pipeline()
+    base_text = snapshot(pipe.text_encoder)
+    personalize(
+        pipe,
+        subject_images,
+        "dog",
+        strategy=strategy,
+        train_text_encoder=True,
+        learning_rate=1e-3,
+        output_dir=tmp_path,
+        **fast,
+    )
+    state = pipe.text_encoder.state_dict()
+    if strategy == "full":
+        assert any(not torch.equal(state[k], v) for k, v in base_text.items())
+    else:
+        assert any(".lora_B" in k and state[k].abs().sum() > 0 for k in state)
+
+
+@pytest.mark.parametrize("strategy", ["lora", "full"])
+def test_failure_leaves_the_pipeline_as_it_was(strategy, subject_images, tmp_path, fast):
+    pipe = tiny_pipeline()
+    unet_before, text_before = snapshot(pipe.unet), snapshot(pipe.text_encoder)
+    grads_before = {n: p.requires_grad for n, p in pipe.unet.named_parameters()}
+    images_before = render_np(pipe)
+
+    def crash(step, logs):
+        if step == 2:
+            raise KeyboardInterrupt  # what Ctrl-C raises mid-run
+
+    with pytest.raises(KeyboardInterrupt):
+        personalize(
+            pipe,
+            subject_images,
+            "dog",
+            strategy=strategy,
+            train_text_encoder=True,
+            callback=crash,
+            learning_rate=1e-2,
+            output_dir=tmp_path,
+            **fast,
+        )
+    assert snapshot(pipe.unet).keys() == unet_before.keys()
+    assert all(torch.equal(v, unet_before[k]) for k, v in pipe.unet.state_dict().items())
+    assert all(torch.equal(v, text_before[k]) for k, v in pipe.text_encoder.state_dict().items())
+    assert {n: p.requires_grad for n, p in pipe.unet.named_parameters()} == grads_before
+    assert not getattr(pipe.unet, "peft_config", None)
+    assert not pipe.unet.training
+    assert abs(render_np(pipe) - images_before).max() == 0
+    personalize(pipe, subject_images, "dog", strategy=strategy, output_dir=tmp_path, **fast)  # usable again
+
+
+def test_second_personalize_is_refused_until_unloaded(subject_images, tmp_path, fast):
+    pipe = tiny_pipeline()
+    personalize(pipe, subject_images, "dog", output_dir=tmp_path, **fast)
+    with pytest.raises(AdapterError, match="unload_adapter"):
+        personalize(pipe, subject_images, "cat", output_dir=tmp_path, **fast)
+    unload_adapter(pipe)
+    second = personalize(pipe, subject_images, "cat", output_dir=tmp_path, **fast)
+    assert second.class_noun == "cat"
+
+
+def test_a_users_own_lora_is_not_trained_over(subject_images, tmp_path, fast):
+    from peft import LoraConfig
+
+    pipe = tiny_pipeline()
+    pipe.unet.add_adapter(LoraConfig(r=2, target_modules=["to_q"]), adapter_name="style")
+    with pytest.raises(AdapterError, match="unload_lora_weights"):
+        personalize(pipe, subject_images, "dog", output_dir=tmp_path, **fast)
+
+
+def test_sd2_style_v_prediction_pipeline_trains(subject_images, tmp_path, fast):
+    pipe = tiny_pipeline(v_prediction=True)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.unet.config.use_linear_projection
+    adapter = personalize(pipe, subject_images, "dog", snr_gamma=5.0, output_dir=tmp_path, **fast)
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in adapter.history)
+
+
+def test_no_prior_preservation_logs_only_the_instance_term(subject_images, tmp_path, fast):
+    adapter = personalize(tiny_pipeline(), subject_images, "dog", prior_preservation=False, output_dir=tmp_path, **fast)
+    assert "prior" not in adapter.history[0]
+    assert not (tmp_path / "class_images").exists()
+
+
+def test_options_callback_previews_and_schedule(subject_images, tmp_path, fast):
+    seen = []
+    fast["steps"] = 6
+    adapter = personalize(
+        tiny_pipeline(),
+        subject_images,
+        "dog",
+        output_dir=tmp_path,
+        callback=lambda s, logs: seen.append(s),
+        gradient_accumulation_steps=2,
+        batch_size=2,
+        gradient_checkpointing=True,
+        noise_offset=0.1,
+        lr_scheduler="linear",
+        lr_warmup_steps=2,
+        learning_rate=1e-3,
+        random_flip=True,
+        validation_prompts=["a {id} dog"],
+        validation_every=3,
+        validation_steps=2,
+        **fast,
+    )
+    assert seen == [1, 2, 3, 4, 5, 6]
+    lrs = [h["lr"] for h in adapter.history]
+    # Two warmup steps, then linear decay to 0; accumulation must not advance the schedule per micro-batch.
+    assert lrs[:2] == pytest.approx([0.5e-3, 1e-3]) and lrs[-1] == pytest.approx(0.0)
+    previews = sorted(p.name for p in (tmp_path / "previews").iterdir())
+    assert previews == ["step_000003_0.png", "step_000006_0.png"]
+
+
+def test_bf16_mixed_precision_keeps_trainable_weights_fp32(subject_images, tmp_path, fast):
+    pipe = tiny_pipeline()
+    dtypes = []
+    from db_adapters import get_strategy
+
+    def check(step, logs):
+        params = [p for n, p in pipe.unet.named_parameters() if ".lora_" in n]
+        dtypes.extend({p.dtype for p in params})
+
+    adapter = personalize(
+        pipe, subject_images, "dog", mixed_precision="bf16", callback=check, output_dir=tmp_path, **fast
+    )
+    assert set(dtypes) == {torch.float32}
+    assert get_strategy("lora") is type(adapter.strategy)
+
+
+def test_8bit_adam_state_is_uint8():
+    from db_adapters.config import TrainConfig
+    from db_adapters.trainer import make_optimizer
+
+    layer = torch.nn.Linear(16, 16)
+    optimizer = make_optimizer(
+        [{"params": list(layer.parameters()), "lr": 1e-3}], TrainConfig(use_8bit_adam=True, adam_min_8bit_size=16)
+    )
+    layer(torch.randn(4, 16)).pow(2).mean().backward()
+    optimizer.step()
+    state = optimizer.state[layer.weight]
+    assert state["state1"].dtype == torch.uint8 and state["state2"].dtype == torch.uint8
+
+
+def test_8bit_adam_trains_the_tiny_pipeline(subject_images, tmp_path, fast):
+    adapter = personalize(
+        tiny_pipeline(), subject_images, "dog", use_8bit_adam=True, adam_min_8bit_size=16, output_dir=tmp_path, **fast
+    )
+    assert len(adapter.history) == fast["steps"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"steps": 0}, "steps"),
+        ({"learning_rate": -1.0}, "learning_rate"),
+        ({"resolution": 30}, "resolution"),
+        ({"strategy": "nope"}, "unknown strategy"),
+        ({"rank": 4, "strategy": "full"}, "do not belong"),
+        ({"mixed_precision": "fp8"}, "mixed_precision"),
+        ({"validation_every": 2}, "validation_prompts"),
+        ({"rank": 0}, "rank"),
+    ],
+)
+def test_bad_settings_are_input_errors(kwargs, match, subject_images):
+    with pytest.raises(InputError, match=match):
+        personalize(tiny_pipeline(), subject_images, "dog", progress=False, **kwargs)
+
+
+def test_unsupported_pipeline_is_named():
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from db_adapters.testing import tiny_components
+
+    pipe = StableDiffusionImg2ImgPipeline(**tiny_components())
+    with pytest.raises(InputError, match="StableDiffusionImg2ImgPipeline is not supported"):
+        personalize(pipe, [], "dog")
