@@ -31,20 +31,20 @@ class FullFineTune(Strategy):
         self._backup_base(pipe, self.components)
         for component in self.components:
             # Trainable weights stay fp32 even on an fp16 pipeline: AMP unscales only fp32 gradients.
-            getattr(pipe, component).to(torch.float32)
+            _cast(getattr(pipe, component), torch.float32)
 
     def trainable_parameters(self, pipe: StableDiffusionPipeline) -> dict[str, list[torch.nn.Parameter]]:
         return {component: list(getattr(pipe, component).parameters()) for component in self.components}
 
     def finish(self, pipe: StableDiffusionPipeline) -> None:
         for component in self.components:
-            getattr(pipe, component).to(self._dtypes[component])
+            _cast(getattr(pipe, component), self._dtypes[component])
 
     def remove(self, pipe: StableDiffusionPipeline) -> None:
         for component, state in self._backup.items():
             module = getattr(pipe, component)
             module.load_state_dict(state)
-            module.to(self._dtypes[component])
+            _cast(module, self._dtypes[component])
         self._backup = {}
 
     def save(
@@ -84,6 +84,12 @@ class FullFineTune(Strategy):
             for component in components
         }
         self._dtypes = {component: getattr(pipe, component).dtype for component in components}
+
+
+def _cast(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    # Only when needed: diffusers warns on every `.to(dtype)` of a model, even a no-op one.
+    if module.dtype != dtype:
+        module.to(dtype)
 
 
 def _check_state_fits(module: torch.nn.Module, state: dict, component: str, path: Path) -> None:

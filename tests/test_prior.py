@@ -1,0 +1,148 @@
+"""Class images: generated once by the frozen pipeline with a fast sampler, cached, topped up, never black."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from PIL import Image
+
+from db_adapters import InputError, personalize
+from db_adapters import prior as prior_module
+from db_adapters.prior import cache_key, class_images
+from db_adapters.testing import tiny_pipeline
+
+
+def generate(pipe, tmp_path, count=3, **kwargs):
+    settings = {"seed": 0, "cache_dir": tmp_path, "base_fingerprint": "fp", "num_inference_steps": 2}
+    return class_images(pipe, "a dog", count, 32, **(settings | kwargs))
+
+
+@pytest.fixture
+def counting(monkeypatch):
+    """Counts the images generated, and records the sampler and safety checker seen while generating."""
+    calls = {"images": 0, "schedulers": set(), "checkers": set(), "batches": []}
+    real = prior_module.generate_images
+
+    def wrapped(pipe, prompt, seeds, resolution, **kwargs):
+        calls["images"] += len(seeds)
+        calls["schedulers"].add(type(pipe.scheduler).__name__)
+        calls["checkers"].add(pipe.safety_checker)
+        calls["batches"].append(kwargs["batch_size"])
+        return real(pipe, prompt, seeds, resolution, **kwargs)
+
+    monkeypatch.setattr(prior_module, "generate_images", wrapped)
+    return calls
+
+
+def test_generated_once_then_cached_and_only_missing_regenerated(tmp_path, counting):
+    pipe = tiny_pipeline()
+    first = generate(pipe, tmp_path, batch_size=2)
+    assert len(first) == 3 and counting["images"] == 3
+    again = generate(pipe, tmp_path, batch_size=2)
+    assert counting["images"] == 3
+    assert [list(a.getdata()) == list(b.getdata()) for a, b in zip(first, again, strict=True)] == [True] * 3
+    folder = tmp_path / cache_key("fp", "a dog", 32, 3, 0)
+    (folder / "class_00001.png").unlink()
+    redone = generate(pipe, tmp_path, batch_size=2)
+    assert counting["images"] == 4  # only the missing one
+    assert list(redone[1].getdata()) == list(first[1].getdata())  # image i always comes from seed (seed, i)
+
+
+def test_sampler_swapped_and_safety_checker_off_only_while_generating(tmp_path, counting):
+    pipe = tiny_pipeline()
+    sentinel = object()
+    pipe.safety_checker = sentinel
+    scheduler = pipe.scheduler
+    generate(pipe, tmp_path)
+    assert counting["schedulers"] == {"DPMSolverMultistepScheduler"}
+    assert counting["checkers"] == {None}
+    assert pipe.scheduler is scheduler and pipe.safety_checker is sentinel
+
+
+def test_batching_is_configurable(tmp_path, counting):
+    generate(tiny_pipeline(), tmp_path, count=5, batch_size=2)
+    assert counting["batches"] == [2]  # one call, split into batches of 2 inside
+    assert sorted(p.name for p in next(tmp_path.iterdir()).glob("*.png"))[-1] == "class_00004.png"
+
+
+def test_cache_key_covers_every_setting():
+    base = cache_key("fp", "a dog", 32, 3, 0)
+    others = [
+        cache_key("fp2", "a dog", 32, 3, 0),
+        cache_key("fp", "a cat", 32, 3, 0),
+        cache_key("fp", "a dog", 64, 3, 0),
+        cache_key("fp", "a dog", 32, 4, 0),
+        cache_key("fp", "a dog", 32, 3, 1),
+    ]
+    assert len({base, *others}) == 6
+
+
+def test_black_images_are_rejected_and_redrawn(tmp_path, monkeypatch):
+    pipe = tiny_pipeline()
+    real = prior_module.generate_images
+    attempts = []
+
+    def black_first(pipe, prompt, seeds, resolution, **kwargs):
+        attempts.append(list(seeds))
+        if len(attempts) == 1:
+            return [Image.new("RGB", (resolution, resolution), "black") for _ in seeds]
+        return real(pipe, prompt, seeds, resolution, **kwargs)
+
+    monkeypatch.setattr(prior_module, "generate_images", black_first)
+    images = generate(pipe, tmp_path, count=2)
+    assert len(attempts) == 2 and attempts[0] != attempts[1]  # fresh seeds for the retry
+    assert not any(prior_module.is_black(im) for im in images)
+
+
+def test_always_black_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        prior_module,
+        "generate_images",
+        lambda pipe, prompt, seeds, res, **kw: [Image.new("RGB", (res, res)) for _ in seeds],
+    )
+    with pytest.raises(InputError, match="came out black"):
+        generate(tiny_pipeline(), tmp_path, count=2)
+
+
+def test_users_class_images_are_topped_up_with_a_message(tmp_path, counting, caplog):
+    given = [Image.new("RGB", (32, 32), "blue")]
+    with caplog.at_level(logging.WARNING, logger="db_adapters"):
+        images = generate(tiny_pipeline(), tmp_path, count=3, given=given)
+    assert len(images) == 3 and images[0] is given[0] and counting["images"] == 2
+    assert "1 class images given, 3 asked for: generating the other 2" in caplog.text
+
+
+def test_enough_class_images_given_means_no_generation(tmp_path, counting):
+    given = [Image.new("RGB", (32, 32), c) for c in ("blue", "green", "red")]
+    assert generate(tiny_pipeline(), tmp_path, count=2, given=given) == given[:2]
+    assert counting["images"] == 0
+
+
+def test_personalize_caches_class_images_in_output_dir(tmp_path, subject_images, counting, fast):
+    personalize(tiny_pipeline(), subject_images, "dog", output_dir=tmp_path, **fast)
+    personalize(tiny_pipeline(), subject_images, "dog", output_dir=tmp_path, **fast)
+    assert counting["images"] == fast["num_class_images"]
+    assert len(list((tmp_path / "class_images").glob("*/class_*.png"))) == fast["num_class_images"]
+
+
+def test_training_noise_is_ddpm_whatever_the_inference_sampler(subject_images):
+    from diffusers import DDPMScheduler, EulerDiscreteScheduler
+
+    from db_adapters.config import TrainConfig
+    from db_adapters.strategies import get_strategy
+    from db_adapters.trainer import Trainer, TrainingSet
+
+    pipe = tiny_pipeline(v_prediction=True)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    trainer = Trainer(
+        pipe,
+        get_strategy("lora")(),
+        TrainingSet(None, None),
+        TrainConfig(),
+        learning_rate=1e-4,
+        text_encoder_learning_rate=1e-4,
+    )
+    assert isinstance(trainer.noise_scheduler, DDPMScheduler)
+    assert trainer.noise_scheduler.config.prediction_type == "v_prediction"
+    assert trainer.noise_scheduler.config.beta_schedule == "scaled_linear"
