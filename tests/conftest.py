@@ -14,23 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from db_adapters.testing import bytes_to_unicode
+
 CLIP_VOCAB_DIR = Path.home() / ".cache" / "db_adapters_tests" / "clip_vocab"
 _BPE_MEMBER = "open_clip/bpe_simple_vocab_16e6.txt.gz"
 _PIP_TIMEOUT_S = 120
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    # open_clip's (OpenAI CLIP's) reversible byte -> printable character table.
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(c) for c in chars), strict=True))
 
 
 def _write_clip_vocab(bpe_gz: bytes, folder: Path) -> None:
@@ -38,7 +26,7 @@ def _write_clip_vocab(bpe_gz: bytes, folder: Path) -> None:
     # 256 byte symbols, the same with "</w>", one token per merge, then the two special tokens.
     lines = gzip.decompress(bpe_gz).decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
-    vocab = list(_bytes_to_unicode().values())
+    vocab = list(bytes_to_unicode().values())
     vocab += [v + "</w>" for v in vocab]
     vocab += ["".join(merge) for merge in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]

@@ -34,8 +34,8 @@ _CAPTION_WEIGHT = 200
 _SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    # CLIP's (and GPT-2's) reversible byte -> printable character table.
+def bytes_to_unicode() -> dict[int, str]:
+    """CLIP's (and GPT-2's) reversible byte -> printable character table, as its BPE files use."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
     printable += list(range(ord("®"), ord("ÿ") + 1))
     chars = printable[:]
@@ -57,7 +57,7 @@ def train_tiny_bpe(vocab_size: int = TINY_VOCAB_SIZE) -> tuple[dict[str, int], l
     """
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    byte_chars = list(_bytes_to_unicode().values())
+    byte_chars = list(bytes_to_unicode().values())
     num_merges = vocab_size - 2 * len(byte_chars) - len(_SPECIAL_TOKENS)
     tokenizer = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
