@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -106,6 +107,12 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.formatwarning = _one_line_warning
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001 - warnings' hook
+    # Our warnings are meant for the person at the shell: no source file and line number.
+    return f"Warning: {message}\n"
 
 
 @main.command()
@@ -140,6 +147,7 @@ def quiet_libraries() -> None:
 @click.option("--validation-every", type=int, default=None)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--output-dir", default=None, help="The run's files: class-image cache, previews.")
+@click.option("--class-image-dir", default=None, help="Class-image cache (default: OUTPUT_DIR/class_images).")
 @click.option("--random-flip", is_flag=True)
 @click.option("--class-sampler", default="dpmsolver++", show_default=True)
 @click.option("--class-inference-steps", type=int, default=25, show_default=True)
