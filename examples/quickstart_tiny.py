@@ -11,6 +11,7 @@ The tiny pipeline has random weights, so its pictures are noise-like: this shows
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -18,9 +19,12 @@ import diffusers.utils.logging
 import numpy as np
 from PIL import Image, ImageDraw
 
-from db_adapters import personalize
-from db_adapters.generation import grid, render
-from db_adapters.testing import tiny_pipeline
+# transformers notes at import that torchvision is absent; it is not needed here.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from db_adapters import personalize  # noqa: E402
+from db_adapters.generation import grid, render  # noqa: E402
+from db_adapters.testing import tiny_pipeline  # noqa: E402
 
 
 def subject_photos(folder: Path) -> Path:
@@ -60,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     path = adapter.save(out / "ball.safetensors")
     after = render(pipe, f"a {adapter.identifier} ball", num_images=4, steps=10)
-    grid(before + after).save(out / "sheet.png")
+    grid(before + after, rows=2).save(out / "sheet.png")
 
     # The file is a plain diffusers LoRA: a fresh pipeline loads it without db_adapters.
     fresh = tiny_pipeline(seed=0)

@@ -68,14 +68,14 @@ def render(
         ).images
 
 
-def grid(images: list[Image.Image]) -> Image.Image:
-    """Lay images out in a near-square grid."""
+def grid(images: list[Image.Image], rows: int | None = None) -> Image.Image:
+    """Lay images out in `rows` rows (default: a near-square grid); empty cells are white."""
     from diffusers.utils import make_image_grid
 
-    cols = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    padded = images + [images[0].copy().point(lambda _: 255)] * (rows * cols - len(images))
-    return make_image_grid(padded, rows=rows, cols=cols)
+    rows = rows or math.ceil(len(images) / math.ceil(math.sqrt(len(images))))
+    cols = math.ceil(len(images) / rows)
+    blank = images[0].copy().point(lambda _: 255)
+    return make_image_grid(images + [blank] * (rows * cols - len(images)), rows=rows, cols=cols)
 
 
 def render_grid(pipe: StableDiffusionPipeline, prompt: str, path: Path, **kwargs) -> Path:
