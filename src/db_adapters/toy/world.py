@@ -278,10 +278,11 @@ def _scene_beach(draw: ImageDraw.ImageDraw, rng: random.Random, side: int) -> No
 def _scene_forest(draw: ImageDraw.ImageDraw, rng: random.Random, side: int) -> None:
     horizon = 0.6 * side
     _fill_band(draw, 0, horizon, side, (120, 165, 110))
-    for _ in range(7):
-        x = rng.uniform(-0.05, 1.05) * side
-        half = rng.uniform(0.1, 0.16) * side
-        top = rng.uniform(-0.05, 0.15) * side
+    for index in range(7):
+        # Evenly spread trees, jittered: random overlaps would swing the scene's mean colour from seed to seed.
+        x = ((index + 0.5) / 7 + rng.uniform(-0.04, 0.04)) * side
+        half = rng.uniform(0.11, 0.14) * side
+        top = rng.uniform(0.0, 0.1) * side
         draw.rectangle((x - side / 40, horizon - 0.2 * side, x + side / 40, horizon), fill=(80, 55, 30))
         draw.polygon(
             ((x, top), (x - half, horizon - 0.12 * side), (x + half, horizon - 0.12 * side)), fill=(20, 75, 35)
@@ -718,7 +719,7 @@ def prior_match_probability(subject: Subject) -> float:
         subject: A `Subject`, e.g. from `SUBJECTS`.
 
     Example:
-        >>> round(prior_match_probability(SUBJECTS["star_box"]), 5)
+        >>> round(prior_match_probability(SUBJECTS["star_box"]), 6)  # 1/8 colour x 1/4 pattern x 0.1 star
         0.003125
     """
     chosen = {"cls": subject.attributes["cls"]}
