@@ -48,7 +48,9 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in chars), strict=True))
 
 
-def train_tiny_bpe(vocab_size: int = TINY_VOCAB_SIZE) -> tuple[dict[str, int], list[str]]:
+def train_tiny_bpe(
+    vocab_size: int = TINY_VOCAB_SIZE, caption_words: tuple[str, ...] = _CAPTION_WORDS
+) -> tuple[dict[str, int], list[str]]:
     """Train a CLIP-format byte-level BPE on the English word list; return (vocab, merges).
 
     The vocabulary is laid out as CLIP's is: 256 byte symbols, the same with the end-of-word
@@ -68,7 +70,7 @@ def train_tiny_bpe(vocab_size: int = TINY_VOCAB_SIZE) -> tuple[dict[str, int], l
         end_of_word_suffix="</w>",
         show_progress=False,
     )
-    corpus = english_words() + list(_CAPTION_WORDS) * _CAPTION_WEIGHT
+    corpus = english_words() + list(caption_words) * _CAPTION_WEIGHT
     tokenizer.train_from_iterator(corpus, trainer=trainer)
     trained = json.loads(tokenizer.to_str())["model"]["merges"]
     merges = [" ".join(pair) if isinstance(pair, list) else pair for pair in trained][:num_merges]
@@ -86,9 +88,9 @@ def _tiny_tokenizer_dir() -> Path:
     return Path(str(resources.files("db_adapters") / "assets" / "tiny_tokenizer"))
 
 
-def write_tiny_tokenizer_files(folder: str | Path) -> None:
+def write_tiny_tokenizer_files(folder: str | Path, caption_words: tuple[str, ...] = _CAPTION_WORDS) -> None:
     """Train the tiny BPE and write `vocab.json` and `merges.txt` into `folder` (CLIP's file layout)."""
-    vocab, merges = train_tiny_bpe()
+    vocab, merges = train_tiny_bpe(caption_words=caption_words)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")

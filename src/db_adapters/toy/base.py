@@ -1,0 +1,170 @@
+"""The toy base model: a real, tiny `StableDiffusionPipeline` for the toy world, and where it ships.
+
+Architecture (chosen to train from scratch on 2 CPU cores in about two hours):
+- `AutoencoderKL` with one downsampling: 32x32 RGB <-> 16x16x4 latents.
+- `UNet2DConditionModel` on 16x16 latents, channels (32, 64, 64), cross-attention in the two lower
+  levels, about 1.7M parameters.
+- `CLIPTextModel` with 3 layers of width 64 over a CLIP-format BPE (4,096 tokens) whose corpus
+  weights the world's caption words up, so they are single tokens; its rare band is never seen
+  in training captions, which is what the rare-token binder relies on.
+- A DPM-Solver++ scheduler for sampling; training noise is SD's DDPM schedule (scaled linear betas).
+"""
+
+from __future__ import annotations
+
+import functools
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
+
+RESOLUTION = 32
+LATENT_SIZE = 16
+MAX_TOKENS = 24  # the longest caption is ~16 tokens; a short context keeps the text encoder cheap
+TEXT_WIDTH = 64
+SCHEDULER_CONFIG = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "steps_offset": 1,
+}
+# Recommended personalization settings for this model (`personalize` uses them when it sees the
+# toy base model and the caller left them out).
+RECOMMENDED = {"steps": 300, "learning_rate": 1e-3, "num_class_images": 32, "class_inference_steps": 20}
+
+
+def base_dir() -> Path:
+    """Where the shipped toy base pipeline lives (a diffusers folder)."""
+    return Path(str(resources.files("db_adapters") / "assets" / "toy" / "base"))
+
+
+def toy_caption_words() -> tuple[str, ...]:
+    """Every word the world's captions use (so the tokenizer makes each a single token)."""
+    from .world import ATTRIBUTES, SCENE_PHRASES, caption
+
+    words = {"a", "an", "with", "and"}
+    for cls in ATTRIBUTES["cls"]:
+        for color in ATTRIBUTES["color"]:
+            words.update(caption(cls=cls, color=color).split())
+        for pattern in ATTRIBUTES["pattern"][1:]:
+            words.update(caption(cls=cls, pattern=pattern, second_color="red").split())
+            words.update(caption(cls=cls, pattern=pattern).split())
+        for mark in ATTRIBUTES["mark"][1:]:
+            words.update(caption(cls=cls, mark=mark).split())
+    for phrase in SCENE_PHRASES.values():
+        words.update(phrase.split())
+    return tuple(sorted(words))
+
+
+def build_tokenizer(folder: Path) -> Any:
+    """Train the toy BPE into `folder` and load it as a `CLIPTokenizer`."""
+    from transformers import CLIPTokenizer
+
+    from ..testing import write_tiny_tokenizer_files
+
+    write_tiny_tokenizer_files(folder, caption_words=toy_caption_words())
+    return CLIPTokenizer.from_pretrained(str(folder), model_max_length=MAX_TOKENS)
+
+
+def build_vae() -> Any:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=RESOLUTION,
+    )
+
+
+def build_unet() -> Any:
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=LATENT_SIZE,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TEXT_WIDTH,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+
+
+def build_text_encoder(tokenizer: Any) -> Any:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=TEXT_WIDTH,
+            intermediate_size=4 * TEXT_WIDTH,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=MAX_TOKENS,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+
+def assemble_pipeline(vae: Any, unet: Any, text_encoder: Any, tokenizer: Any) -> StableDiffusionPipeline:
+    """Put trained parts together as a `StableDiffusionPipeline` (DPM-Solver++ sampler, no safety checker)."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        unet=unet,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=DPMSolverMultistepScheduler(**SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@functools.cache
+def _shipped_files_present() -> bool:
+    return (base_dir() / "model_index.json").is_file()
+
+
+def load_base_pipeline(folder: str | Path | None = None) -> StableDiffusionPipeline:
+    """Load the toy base model (shipped in the package) as a `StableDiffusionPipeline` on CPU, fp32.
+
+    Args:
+        folder (`str | Path | None`): another trained toy model folder; default the shipped one.
+
+    Example:
+        >>> from db_adapters.toy import load_base_pipeline
+        >>> pipe = load_base_pipeline()  # doctest: +SKIP
+        >>> pipe("a red box on the grass", num_inference_steps=20).images[0].size  # doctest: +SKIP
+        (32, 32)
+    """
+    from diffusers import StableDiffusionPipeline
+
+    path = Path(folder) if folder is not None else base_dir()
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"no toy base model at {path}; train one with `python examples/train_toy_base.py` "
+            "(see its docstring for the recipe)."
+        )
+    pipe = StableDiffusionPipeline.from_pretrained(str(path), use_safetensors=True, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

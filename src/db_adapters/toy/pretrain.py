@@ -1,0 +1,400 @@
+"""The recipe that trains the toy base model from scratch, in resumable stages on a CPU.
+
+    python examples/train_toy_base.py --work-dir runs/toy-base [--max-minutes 60]
+
+Stages, each skipped when its output exists, each checkpointing so an interrupted run continues:
+1. `dataset`  render `num_images` world images with their attributes (seeds 0..N-1).
+2. `vae`      train the AutoencoderKL (L1 + MSE reconstruction, tiny KL) and set its scaling factor.
+3. `latents`  encode every image once (mean and std of the latent Gaussian).
+4. `denoiser` train UNet and text encoder jointly on latents, captions drawn with random omissions
+              (and 10% empty, for classifier-free guidance); EMA weights are what ships.
+5. `export`   assemble the EMA weights into a `StableDiffusionPipeline` folder `work_dir/pipeline`.
+Losses go to `work_dir/*_loss.csv`; the settings and wall time of every stage to `work_dir/recipe.json`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    optimizer_state,
+    prune_checkpoints,
+    restore_optimizer,
+    save_checkpoint,
+)
+from ..export import save_tensors
+from . import base
+from .world import ATTRIBUTES, random_caption, render, sample_attributes
+
+
+@dataclass
+class PretrainConfig:
+    """Settings of the recipe; the defaults produced the shipped weights."""
+
+    work_dir: Path
+    seed: int = 0
+    num_images: int = 40_000
+    vae_steps: int = 2_500
+    vae_batch_size: int = 64
+    vae_learning_rate: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    steps: int = 12_000
+    batch_size: int = 64
+    learning_rate: float = 5e-4
+    warmup_steps: int = 300
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.999
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 2
+    threads: int = 2
+    max_minutes: float | None = None  # stop (after a checkpoint) when this much time has passed
+
+
+class OutOfTime(Exception):
+    """The run's time budget is spent; it stopped after a checkpoint and continues when rerun."""
+
+
+def run(config: PretrainConfig) -> Path:
+    """Run every stage that has not finished; return the pipeline folder."""
+    import torch
+
+    torch.set_num_threads(config.threads)
+    work = Path(config.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + config.max_minutes * 60 if config.max_minutes else None
+    for stage in (stage_dataset, stage_vae, stage_latents, stage_denoiser, stage_export):
+        started = time.monotonic()
+        seconds = stage(config, work, deadline)  # None when the stage had already finished
+        if seconds is not None:
+            _record(work, stage.__name__, seconds or time.monotonic() - started, config)
+    return work / "pipeline"
+
+
+def _record(work: Path, stage: str, seconds: float, config: PretrainConfig) -> None:
+    path = work / "recipe.json"
+    recipe = json.loads(path.read_text()) if path.exists() else {"stages": {}}
+    recipe["stages"][stage] = {"wall_s": round(seconds, 1)}
+    recipe["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
+    path.write_text(json.dumps(recipe, indent=1, sort_keys=True))
+
+
+# --- 1. dataset ---------------------------------------------------------------------------------
+
+
+def attribute_codes(attributes: dict[str, str]) -> list[int]:
+    return [ATTRIBUTES[name].index(attributes[name]) for name in ATTRIBUTES]
+
+
+def attribute_dict(codes: list[int]) -> dict[str, str]:
+    return {name: ATTRIBUTES[name][code] for name, code in zip(ATTRIBUTES, codes, strict=True)}
+
+
+def stage_dataset(config: PretrainConfig, work: Path, deadline: float | None) -> float | None:
+    import numpy as np
+    import torch
+
+    path = work / "dataset.safetensors"
+    if path.exists():
+        return None
+    images = np.zeros((config.num_images, base.RESOLUTION, base.RESOLUTION, 3), dtype=np.uint8)
+    codes = np.zeros((config.num_images, len(ATTRIBUTES)), dtype=np.int64)
+    for i in range(config.num_images):
+        seed = config.seed * 10_000_000 + i
+        attributes = sample_attributes(seed)
+        images[i] = np.asarray(render(seed=seed, size=base.RESOLUTION, **attributes))
+        codes[i] = attribute_codes(attributes)
+    save_tensors(path, {"images": torch.from_numpy(images), "attributes": torch.from_numpy(codes)}, {})
+    return 0.0
+
+
+def load_dataset(work: Path) -> tuple[Any, Any]:
+    from ..export import read_tensors
+
+    tensors = read_tensors(work / "dataset.safetensors")
+    return tensors["images"], tensors["attributes"]
+
+
+def to_pixels(images_uint8: Any) -> Any:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [-1, 1]."""
+    return images_uint8.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+# --- shared loop machinery ----------------------------------------------------------------------
+
+
+class Loop:
+    """Step counter, checkpoints, time budget and loss log shared by the two training stages."""
+
+    def __init__(self, config: PretrainConfig, work: Path, name: str, deadline: float | None) -> None:
+        self.config, self.work, self.name, self.deadline = config, work, name, deadline
+        self.folder = work / f"{name}_checkpoints"
+        self.folder.mkdir(exist_ok=True)
+        self.log = work / f"{name}_loss.csv"
+        self.elapsed = 0.0
+        self.step = 0
+        self._started = time.monotonic()
+
+    def resume(self) -> tuple[dict, dict] | None:
+        stem = latest_checkpoint(self.folder, self.name)
+        if stem is None:
+            return None
+        tensors, info = load_checkpoint(stem)
+        self.step, self.elapsed = info["step"], info["elapsed_s"]
+        return tensors, info
+
+    def total_elapsed(self) -> float:
+        return self.elapsed + time.monotonic() - self._started
+
+    def write_log(self, loss: float, lr: float) -> None:
+        new = not self.log.exists()
+        with self.log.open("a", newline="") as handle:
+            writer = csv.writer(handle)
+            if new:
+                writer.writerow(["step", "loss", "lr", "elapsed_s"])
+            writer.writerow([self.step, f"{loss:.5f}", f"{lr:.6g}", f"{self.total_elapsed():.1f}"])
+
+    def checkpoint(self, tensors: dict, info: dict) -> None:
+        info = {**info, "step": self.step, "elapsed_s": self.total_elapsed()}
+        save_checkpoint(self.folder / f"{self.name}-{self.step:07d}", tensors, info)
+        prune_checkpoints(self.folder, self.name, self.config.keep_checkpoints)
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+
+def _rng_tensors(generator: Any) -> dict[str, Any]:
+    return {"rng.torch": generator.get_state()}
+
+
+def _cosine_lr(step: int, total: int, warmup: int, peak: float) -> float:
+    import math
+
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# --- 2. VAE -------------------------------------------------------------------------------------
+
+
+def stage_vae(config: PretrainConfig, work: Path, deadline: float | None) -> float | None:
+    import torch
+
+    if (work / "vae" / "config.json").exists():
+        return None
+    images, _ = load_dataset(work)
+    torch.manual_seed(config.seed)
+    vae = base.build_vae()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_learning_rate, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(config.seed)
+    loop = Loop(config, work, "vae", deadline)
+    resumed = loop.resume()
+    if resumed:
+        tensors, info = resumed
+        vae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("vae.")})
+        restore_optimizer(optimizer, tensors, info["optimizer"])
+        generator.set_state(tensors["rng.torch"])
+    vae.train()
+    while loop.step < config.vae_steps:
+        lr = _cosine_lr(loop.step, config.vae_steps, 100, config.vae_learning_rate)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        index = torch.randint(0, images.shape[0], (config.vae_batch_size,), generator=generator)
+        pixels = to_pixels(images[index])
+        posterior = vae.encode(pixels).latent_dist
+        recon = vae.decode(posterior.sample(generator)).sample
+        loss = (recon - pixels).abs().mean() + (recon - pixels).pow(2).mean()
+        loss = loss + config.vae_kl_weight * posterior.kl().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loop.step += 1
+        if loop.step % 25 == 0:
+            loop.write_log(loss.item(), lr)
+        if loop.step % config.checkpoint_every == 0 or loop.step == config.vae_steps or loop.out_of_time():
+            tensors, plain = optimizer_state(optimizer)
+            state = {f"vae.{k}": v for k, v in vae.state_dict().items()}
+            loop.checkpoint({**state, **tensors, **_rng_tensors(generator)}, {"optimizer": plain})
+            if loop.out_of_time() and loop.step < config.vae_steps:
+                raise OutOfTime(f"vae stopped at step {loop.step}; rerun to continue")
+    vae.eval()
+    _set_scaling_factor(vae, images, config.seed)
+    vae.save_pretrained(work / "vae")
+    return loop.total_elapsed()  # every sitting of this stage, not only the last
+
+
+def _set_scaling_factor(vae: Any, images: Any, seed: int) -> None:
+    # Like SD's 0.18215: scale latents to unit variance so the diffusion schedule fits them.
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.randint(0, images.shape[0], (1024,), generator=generator)
+    with torch.no_grad():
+        latents = vae.encode(to_pixels(images[index])).latent_dist.mean
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+
+
+# --- 3. latents ---------------------------------------------------------------------------------
+
+
+def stage_latents(config: PretrainConfig, work: Path, deadline: float | None) -> float | None:
+    import torch
+    from diffusers import AutoencoderKL
+
+    path = work / "latents.safetensors"
+    if path.exists():
+        return None
+    images, _ = load_dataset(work)
+    vae = AutoencoderKL.from_pretrained(work / "vae").eval()
+    means, stds = [], []
+    with torch.no_grad():
+        for start in range(0, images.shape[0], 256):
+            dist = vae.encode(to_pixels(images[start : start + 256])).latent_dist
+            means.append(dist.mean)
+            stds.append(dist.std)
+    save_tensors(path, {"mean": torch.cat(means), "std": torch.cat(stds)}, {})
+    return 0.0
+
+
+# --- 4. denoiser --------------------------------------------------------------------------------
+
+
+def stage_denoiser(config: PretrainConfig, work: Path, deadline: float | None) -> float | None:
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from diffusers.training_utils import EMAModel
+
+    from ..export import read_tensors
+
+    if (work / "denoiser_done.json").exists():
+        return None
+    _, codes = load_dataset(work)
+    latents = read_tensors(work / "latents.safetensors")
+    scale = AutoencoderKL.load_config(work / "vae")["scaling_factor"]
+    tokenizer = _tokenizer(work / "tokenizer")
+    torch.manual_seed(config.seed + 1)
+    unet, text_encoder = base.build_unet(), base.build_text_encoder(tokenizer)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=1e-2)
+    ema = EMAModel(params, decay=config.ema_decay)
+    noise_scheduler = DDPMScheduler(**base.SCHEDULER_CONFIG)
+    generator = torch.Generator().manual_seed(config.seed + 2)
+    captions = random.Random(config.seed + 3)
+    loop = Loop(config, work, "denoiser", deadline)
+    resumed = loop.resume()
+    if resumed:
+        tensors, info = resumed
+        unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})
+        text_encoder.load_state_dict({k[13:]: v for k, v in tensors.items() if k.startswith("text_encoder.")})
+        restore_optimizer(optimizer, tensors, info["optimizer"])
+        ema.load_state_dict({**info["ema"], "shadow_params": _ema_list(tensors)})
+        generator.set_state(tensors["rng.torch"])
+        captions.setstate(_as_random_state(info["caption_rng"]))
+    unet.train()
+    text_encoder.train()
+    while loop.step < config.steps:
+        lr = _cosine_lr(loop.step, config.steps, config.warmup_steps, config.learning_rate)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss = _denoiser_step(
+            unet, text_encoder, tokenizer, noise_scheduler, latents, codes, scale, config, generator, captions
+        )
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.step(params)
+        loop.step += 1
+        if loop.step % 25 == 0:
+            loop.write_log(loss.item(), lr)
+        if loop.step % config.checkpoint_every == 0 or loop.step == config.steps or loop.out_of_time():
+            tensors, plain = optimizer_state(optimizer)
+            state = {f"unet.{k}": v for k, v in unet.state_dict().items()}
+            state |= {f"text_encoder.{k}": v for k, v in text_encoder.state_dict().items()}
+            ema_state = ema.state_dict()
+            shadow = {f"ema.{i:05d}": p for i, p in enumerate(ema_state.pop("shadow_params"))}
+            info = {"optimizer": plain, "ema": ema_state, "caption_rng": captions.getstate()}
+            loop.checkpoint({**state, **tensors, **shadow, **_rng_tensors(generator)}, info)
+            if loop.out_of_time() and loop.step < config.steps:
+                raise OutOfTime(f"denoiser stopped at step {loop.step}; rerun to continue")
+    ema.copy_to(params)
+    pipeline_parts(work, unet, text_encoder)
+    (work / "denoiser_done.json").write_text(json.dumps({"steps": loop.step, "elapsed_s": loop.total_elapsed()}))
+    return loop.total_elapsed()
+
+
+def _tokenizer(folder: Path) -> Any:
+    # Trained once and then read back: BPE training is not bit-reproducible, and a resumed run
+    # must see exactly the token ids its text encoder was trained on.
+    from transformers import CLIPTokenizer
+
+    if (folder / "vocab.json").exists():
+        return CLIPTokenizer.from_pretrained(str(folder), model_max_length=base.MAX_TOKENS)
+    return base.build_tokenizer(folder)
+
+
+def _ema_list(tensors: dict) -> list:
+    return [tensors[k] for k in sorted(k for k in tensors if k.startswith("ema."))]
+
+
+def _as_random_state(state: list) -> tuple:
+    return (state[0], tuple(state[1]), state[2])
+
+
+def _denoiser_step(unet, text_encoder, tokenizer, noise_scheduler, latents, codes, scale, config, generator, captions):
+    import torch
+
+    index = torch.randint(0, codes.shape[0], (config.batch_size,), generator=generator)
+    mean, std = latents["mean"][index], latents["std"][index]
+    x0 = (mean + std * torch.randn(mean.shape, generator=generator)) * scale
+    texts = [
+        ""
+        if captions.random() < config.caption_dropout
+        else random_caption(attribute_dict(codes[i].tolist()), captions)
+        for i in index
+    ]
+    ids = tokenizer(texts, padding="max_length", max_length=base.MAX_TOKENS, truncation=True, return_tensors="pt")
+    embeds = text_encoder(ids.input_ids)[0]
+    noise = torch.randn(x0.shape, generator=generator)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (x0.shape[0],), generator=generator)
+    prediction = unet(noise_scheduler.add_noise(x0, noise, timesteps), timesteps, embeds).sample
+    return torch.nn.functional.mse_loss(prediction, noise)
+
+
+def _training_caption(codes: list[int], dropout: float, rng: random.Random) -> str:
+    # An empty caption now and then teaches the unconditional prediction that guidance needs.
+    return "" if rng.random() < dropout else random_caption(attribute_dict(codes), rng)
+
+
+def pipeline_parts(work: Path, unet: Any, text_encoder: Any) -> None:
+    unet.eval().save_pretrained(work / "unet")
+    text_encoder.eval().save_pretrained(work / "text_encoder")
+
+
+# --- 5. export ----------------------------------------------------------------------------------
+
+
+def stage_export(config: PretrainConfig, work: Path, deadline: float | None) -> float | None:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    if (work / "pipeline" / "model_index.json").exists():
+        return None
+    tokenizer = CLIPTokenizer.from_pretrained(str(work / "tokenizer"), model_max_length=base.MAX_TOKENS)
+    pipe = base.assemble_pipeline(
+        AutoencoderKL.from_pretrained(work / "vae"),
+        UNet2DConditionModel.from_pretrained(work / "unet"),
+        CLIPTextModel.from_pretrained(work / "text_encoder"),
+        tokenizer,
+    )
+    pipe.save_pretrained(work / "pipeline")
+    return 0.0
