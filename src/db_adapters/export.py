@@ -60,11 +60,19 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> 
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        # mkstemp makes owner-only files; give the result the permissions a plain open() would.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:

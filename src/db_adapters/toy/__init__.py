@@ -42,6 +42,7 @@ __all__ = [
     "check_attributes",
     "contact_sheet",
     "layout",
+    "load_base_pipeline",
     "load_probe",
     "prior_match_probability",
     "random_caption",
@@ -59,4 +60,8 @@ def __getattr__(name: str) -> Any:
         from . import probe
 
         return getattr(probe, name)
+    if name == "load_base_pipeline":
+        from .base import load_base_pipeline
+
+        return load_base_pipeline
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,12 +6,15 @@ become exact attribute matches), and `Probe.embed` gives unit-norm features whos
 DINO-like cosine similarity. The probe is trained on renders of `world.render` only, and frozen
 before any base model is trained, so no generator is ever tuned towards it.
 
-The shipped weights (`assets/toy/probe.safetensors`) were trained on this 2-core CPU machine with::
+The shipped weights (`assets/toy/probe.safetensors`, 1.5 MB) were trained on a 2-core CPU machine with::
 
-    python -m db_adapters.toy.probe --steps STEPS_TBD --out src/db_adapters/assets/toy/probe.safetensors
+    python -m db_adapters.toy.probe --steps 3000 --pool 40000 --log-every 250 \
+        --out src/db_adapters/assets/toy/probe.safetensors
 
-which took WALL_TBD of wall time; the file's metadata (key "db_adapters_probe") records the held-out
-accuracy per attribute, the architecture, the attribute value lists, steps, seed, wall time and date.
+in 16 min of wall time (955 s inside `train_probe`: 57 s rendering 42,000 images, ~0.3 s a step at batch
+128). Held-out accuracy on 2,000 renders (seeds 10**9 onwards): 1.0 for every attribute but pattern,
+0.9995 (one plain cup read as dotted). The file's metadata (key "db_adapters_probe") records the
+architecture, the attribute value lists, the held-out accuracy, steps, seed, wall time and date.
 """
 
 from __future__ import annotations
@@ -191,8 +194,8 @@ class Probe(nn.Module):
 
         Example:
             >>> from db_adapters.toy import load_probe, render
-            >>> load_probe().predict_proba([render(0)])["cls"].sum().item()  # doctest: +ELLIPSIS
-            1.0...
+            >>> round(load_probe().predict_proba([render(0)])["cls"].sum().item(), 4)
+            1.0
         """
         with self._evaluating():
             parts = [self(chunk) for chunk in self._chunks(images)]
@@ -262,8 +265,9 @@ def render_examples(jobs: Sequence[tuple[int, dict[str, str]]], workers: int = 2
     if workers == 1:
         return _render_examples(jobs)
     chunks = [jobs[i::workers] for i in range(workers)]
-    # "spawn", not fork: forking a process that already runs torch's thread pools can deadlock.
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+    # fork, not spawn: spawn re-imports the caller's __main__, which breaks scripts without a main guard.
+    # Forking after torch started its thread pools is safe here since the workers only run PIL and numpy.
+    with ProcessPoolExecutor(workers, mp_context=get_context("fork")) as pool:
         parts = list(pool.map(_render_examples, chunks))
     order = np.argsort(np.concatenate([np.arange(len(jobs))[i::workers] for i in range(workers)]), kind="stable")
     return np.concatenate([p[0] for p in parts])[order], np.concatenate([p[1] for p in parts])[order]
@@ -352,18 +356,19 @@ def _batches(count: int, batch_size: int, generator: torch.Generator) -> Iterato
 
 def _metadata(probe: Probe, record: dict[str, Any]) -> dict[str, str]:
     body = {"format": FORMAT_VERSION, "architecture": probe.config(), "attributes": probe.attributes, **record}
-    return {METADATA_KEY: json.dumps(body, sort_keys=True)}
+    # No sort_keys: the attribute names must stay in ATTRIBUTES (head) order.
+    return {METADATA_KEY: json.dumps(body)}
 
 
 def train_probe(
     *,
-    steps: int = 6000,
+    steps: int = 3000,
     batch_size: int = 128,
     seed: int = 0,
     lr: float = 3e-3,
     out_path: str | Path = PROBE_FILE,
     log_every: int = 500,
-    pool_size: int = 60_000,
+    pool_size: int = 40_000,
     heldout_size: int = 2000,
     workers: int = 2,
 ) -> dict[str, Any]:
@@ -382,7 +387,7 @@ def train_probe(
         seed: Fixes the initial weights, the training renders and the batch order.
         lr: The peak learning rate.
         out_path: Where to write the weights (`.safetensors`, written atomically).
-        log_every: Print the loss and held-out accuracy every this many steps (0: only at the end).
+        log_every: Print the loss and held-out accuracy every this many steps (0: print nothing).
         pool_size: The most training renders to make.
         heldout_size: Held-out renders, seeds `HELDOUT_SEED_START` onwards, drawn from the world's prior.
         workers: Processes to render in.
@@ -404,7 +409,8 @@ def train_probe(
     train_images, train_labels = render_examples(training_jobs(min(pool_size, steps * batch_size), seed), workers)
     heldout_images, heldout_labels = render_examples(prior_jobs(heldout_size, HELDOUT_SEED_START), workers)
     render_s = time.perf_counter() - started
-    print(f"rendered {len(train_images)} training and {heldout_size} held-out images in {render_s:.0f} s")
+    if log_every:
+        print(f"rendered {len(train_images)} training and {heldout_size} held-out images in {render_s:.0f} s")
     pool, pool_labels = torch.from_numpy(train_images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(train_labels)
 
     optimizer = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=0.05)
@@ -488,7 +494,8 @@ def _read_probe(path: Path) -> Probe:
             f"the probe at {str(path)!r} was trained on other toy attributes than the world has now; retrain it with "
             f"python -m db_adapters.toy.probe --out {path}"
         )
-    probe = Probe(record["architecture"]["widths"], attributes)
+    # Heads are matched by name, so build them in ATTRIBUTES order whatever order the file lists them in.
+    probe = Probe(record["architecture"]["widths"], ATTRIBUTES)
     probe.load_state_dict(load_file(str(path)))
     probe.eval().requires_grad_(False)
     probe.frozen = True
@@ -532,11 +539,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         2
     """
     parser = argparse.ArgumentParser(prog="python -m db_adapters.toy.probe", description=main.__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--pool", type=int, default=60_000, help="training renders, cycled (default 60000)")
+    parser.add_argument("--pool", type=int, default=40_000, help="training renders, cycled (default 40000)")
     parser.add_argument("--heldout", type=int, default=2000, help="held-out renders (default 2000)")
     parser.add_argument("--log-every", type=int, default=500)
     parser.add_argument("--workers", type=int, default=2, help="processes to render in")
@@ -560,8 +567,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    # Call the package's copy of this module, not this __main__ one, so that render worker processes
-    # find its functions by their importable name.
-    from db_adapters.toy.probe import main as _main
-
-    _main()
+    main()
