@@ -42,11 +42,11 @@ class PretrainConfig:
     work_dir: Path
     seed: int = 0
     num_images: int = 40_000
-    vae_steps: int = 2_500
-    vae_batch_size: int = 64
+    vae_steps: int = 1_200
+    vae_batch_size: int = 32
     vae_learning_rate: float = 1e-3
     vae_kl_weight: float = 1e-6
-    steps: int = 12_000
+    steps: int = 8_000
     batch_size: int = 64
     learning_rate: float = 5e-4
     warmup_steps: int = 300
