@@ -53,6 +53,7 @@ class PretrainConfig:
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
     checkpoint_every: int = 250
+    log_every: int = 25
     keep_checkpoints: int = 2
     threads: int = 2
     max_minutes: float | None = None  # stop (after a checkpoint) when this much time has passed
@@ -218,7 +219,7 @@ def stage_vae(config: PretrainConfig, work: Path, deadline: float | None) -> flo
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loop.step += 1
-        if loop.step % 25 == 0:
+        if loop.step % config.log_every == 0:
             loop.write_log(loss.item(), lr)
         if loop.step % config.checkpoint_every == 0 or loop.step == config.vae_steps or loop.out_of_time():
             tensors, plain = optimizer_state(optimizer)
@@ -314,7 +315,7 @@ def stage_denoiser(config: PretrainConfig, work: Path, deadline: float | None) -
         optimizer.zero_grad(set_to_none=True)
         ema.step(params)
         loop.step += 1
-        if loop.step % 25 == 0:
+        if loop.step % config.log_every == 0:
             loop.write_log(loss.item(), lr)
         if loop.step % config.checkpoint_every == 0 or loop.step == config.steps or loop.out_of_time():
             tensors, plain = optimizer_state(optimizer)
