@@ -16,7 +16,7 @@ from .adapter import Adapter, attach, base_model_info, refuse_if_adapted
 from .config import DEFAULT_NUM_CLASS_IMAGES, DEFAULT_STEPS, TrainConfig
 from .data import image_batch, load_images
 from .errors import InputError
-from .pipelines import check_supported, native_resolution
+from .pipelines import check_supported, native_resolution, recommended_settings
 from .prior import class_images as make_class_images
 from .strategies import get_strategy
 from .trainer import StepCallback, Trainer, TrainingSet, encode_images, encode_prompt, prompt_ids
@@ -83,7 +83,8 @@ def personalize(
         identifier (`str | None`): the rare token; None lets the binder choose one.
         instance_prompt (`str | None`): default "a {identifier} {class_noun}".
         class_prompt (`str | None`): default "a {class_noun}".
-        steps (`int | None`): optimiser steps; default 800.
+        steps (`int | None`): optimiser steps; default 800, or the model folder's recommendation
+            (`db_adapters.json` beside `model_index.json`; the toy base model ships one).
         learning_rate (`float | None`): default the strategy's (LoRA 1e-4, full 5e-6).
         text_encoder_learning_rate (`float | None`): default `learning_rate`.
         batch_size (`int`): instance images per step (as many class images join them).
@@ -131,14 +132,19 @@ def personalize(
     class_noun = binder.validate_class_noun(class_noun)
     config_options = {k: options.pop(k) for k in list(options) if k in TrainConfig.field_names()}
     chosen = get_strategy(strategy)(**options)
+    recommended = recommended_settings(pipe)
+    steps = steps if steps is not None else recommended.get("steps", DEFAULT_STEPS)
+    learning_rate = learning_rate if learning_rate is not None else recommended.get("learning_rate")
+    if num_class_images is None:
+        num_class_images = recommended.get("num_class_images", DEFAULT_NUM_CLASS_IMAGES)
     config = TrainConfig(
-        steps=DEFAULT_STEPS if steps is None else steps,
+        steps=steps,
         learning_rate=learning_rate,
         text_encoder_learning_rate=text_encoder_learning_rate,
         batch_size=batch_size,
         gradient_accumulation_steps=gradient_accumulation_steps,
         prior_preservation=prior_preservation,
-        num_class_images=DEFAULT_NUM_CLASS_IMAGES if num_class_images is None else num_class_images,
+        num_class_images=num_class_images,
         prior_loss_weight=prior_loss_weight,
         train_text_encoder=train_text_encoder,
         resolution=resolution,

@@ -17,6 +17,10 @@ if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
 SUPPORTED = "StableDiffusionPipeline (Stable Diffusion 1.x and 2.x)"
+# A model folder may carry its own recommended personalization settings (a small model needs other
+# steps and learning rates than SD 1.5); `personalize` uses them for the settings left out.
+RECOMMENDATIONS_FILE = "db_adapters.json"
+RECOMMENDABLE = ("steps", "learning_rate", "num_class_images")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
@@ -89,6 +93,21 @@ def weights_fingerprint(pipe: DiffusionPipeline) -> str:
         flat = tensor.detach().reshape(-1)[:65536].to("cpu", torch.float32).contiguous()
         digest.update(flat.numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def recommended_settings(pipe: DiffusionPipeline) -> dict[str, Any]:
+    """The model folder's recommended `personalize` settings (steps, learning_rate, num_class_images)."""
+    from pathlib import Path
+
+    folder = model_id(pipe)
+    path = Path(folder) / RECOMMENDATIONS_FILE if folder else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        settings = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return {k: v for k, v in settings.items() if k in RECOMMENDABLE} if isinstance(settings, dict) else {}
 
 
 def model_id(pipe: DiffusionPipeline) -> str:

@@ -31,6 +31,7 @@ from ..checkpoint import (
     save_checkpoint,
 )
 from ..export import save_tensors
+from ..pipelines import RECOMMENDATIONS_FILE
 from . import base
 from .world import ATTRIBUTES, random_caption, render, sample_attributes
 
@@ -398,4 +399,6 @@ def stage_export(config: PretrainConfig, work: Path, deadline: float | None) -> 
         tokenizer,
     )
     pipe.save_pretrained(work / "pipeline")
+    # Settings `personalize` uses for this model when the caller leaves them out.
+    (work / "pipeline" / RECOMMENDATIONS_FILE).write_text(json.dumps(base.RECOMMENDED, indent=1))
     return 0.0
