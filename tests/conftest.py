@@ -137,3 +137,16 @@ def render_np(pipe, prompt: str = "a dog", seed: int = 0, steps: int = 3):
 
     generator = torch.Generator("cpu").manual_seed(seed)
     return pipe(prompt, num_inference_steps=steps, generator=generator, output_type="np").images
+
+
+@pytest.fixture(scope="session")
+def small_toy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A toy base model trained by the real recipe at toy scale (seconds): the shipped model's code path."""
+    from db_adapters.toy.pretrain import PretrainConfig, run
+
+    work = tmp_path_factory.mktemp("toy-base")
+    small = {"num_images": 48, "vae_steps": 2, "vae_batch_size": 4, "steps": 2, "batch_size": 4}
+    folder = run(PretrainConfig(work_dir=work, threads=1, warmup_steps=1, **small))
+    # What a model trained this briefly can usefully recommend: few steps, few class images.
+    (folder / "db_adapters.json").write_text(json.dumps({"steps": 4, "learning_rate": 1e-3, "num_class_images": 2}))
+    return folder

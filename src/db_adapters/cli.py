@@ -116,7 +116,7 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:  #
 
 
 @main.command()
-@click.option("--model", required=True, help="Local diffusers folder or hub id of an SD 1.x/2.x pipeline.")
+@click.option("--model", default=None, help="Local diffusers folder or hub id (default: the shipped toy base model).")
 @click.option("--images", required=True, help="Folder of 3-5 photos of the subject.")
 @click.option("--class-noun", required=True, help='The subject\'s class, e.g. "dog".')
 @click.option("--output", required=True, type=click.Path(dir_okay=False), help="Adapter file (.safetensors).")
@@ -178,7 +178,7 @@ def train(
     for key in ("rank", "alpha", "target_modules", "dropout"):
         kw.pop(key, None)
     kw["validation_prompts"] = list(kw["validation_prompts"]) or None
-    pipe = load_pipeline(model, device)
+    pipe = load_pipeline(model, device) if model else load_toy_base(device)
     adapter = personalize(pipe, subject, class_noun, **kw, **strategy_options)
     adapter.save(output_path, dtype=save_dtype)
     click.echo(f"saved {output_path} ({output_path.stat().st_size / 1e6:.2f} MB)")
@@ -238,6 +238,38 @@ def generate(
         lora_scale=lora_scale,
     )
     click.echo(f"wrote {output_path} ({num_images} image(s) of {text!r})")
+
+
+def load_toy_base(device: str | None, folder: str | None = None) -> Any:
+    """The shipped toy base model (or a toy model folder), as `--model`'s default."""
+    from .toy.base import base_dir
+
+    if folder is None and not (base_dir() / "model_index.json").is_file():
+        raise InputError(
+            "this install ships no toy base model yet; pass --model, or train one with examples/train_toy_base.py."
+        )
+    return load_pipeline(str(folder or base_dir()), device or "cpu")
+
+
+@main.command()
+@click.option("--subject", default="star_box", show_default=True, help="A toy subject (db_adapters.toy.SUBJECTS).")
+@click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--model", default=None, help="A toy model folder (default: the shipped toy base model).")
+@click.option("--steps", type=int, default=None, help="Personalization steps (default: the model's recommendation).")
+@click.option("--device", default=None, help="Default cpu.")
+@friendly_errors
+def demo(subject: str, out: str, model: str | None, steps: int | None, device: str | None) -> None:
+    """Personalize the toy base model on a toy subject and write a before/after sheet."""
+    from .toy.demo import run_demo
+    from .toy.world import SUBJECTS
+
+    if subject not in SUBJECTS:
+        raise InputError(f"--subject {subject!r} is not a toy subject; choose one of: {', '.join(SUBJECTS)}.")
+    pipe = load_toy_base(device, model)
+    result = run_demo(subject, out, pipe=pipe, steps=steps)
+    click.echo(f"sheet    {result.sheet}")
+    click.echo(f"adapter  {result.adapter} (identifier {result.identifier!r})")
+    click.echo(f"time     personalize {result.personalize_s:.0f} s, total {result.total_s:.0f} s")
 
 
 @main.command()

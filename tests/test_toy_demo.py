@@ -1,0 +1,60 @@
+"""The toy demo and the toy model's recommended settings, on a toy model trained at toy scale."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+from PIL import Image
+
+from db_adapters import personalize
+from db_adapters.cli import main
+from db_adapters.toy import SUBJECTS, load_base_pipeline
+from db_adapters.toy.demo import novel_scenes, run_demo
+
+QUICK = {"steps": 2, "num_class_images": 2, "class_inference_steps": 2, "progress": False}
+
+
+def test_demo_writes_a_sheet_with_every_row(small_toy_dir, tmp_path):
+    result = run_demo("star_box", tmp_path, pipe=load_base_pipeline(small_toy_dir), sample_steps=2, **QUICK)
+    sheet = Image.open(result.sheet)
+    rows = 1 + 1 + 3 + 2  # references, [V], three new scenes, class before and after
+    assert sheet.height == rows * (32 * 4 + 4)
+    assert result.adapter.exists() and result.identifier
+
+
+def test_recontextualisation_uses_scenes_outside_the_references():
+    for name, subject in SUBJECTS.items():
+        scenes = novel_scenes(name)
+        assert len(scenes) == 3 and not set(scenes) & set(subject.reference_scenes)
+
+
+def test_model_folder_recommendations_fill_in_left_out_settings(small_toy_dir, subject_images, tmp_path):
+    recommended = json.loads((small_toy_dir / "db_adapters.json").read_text())
+    assert recommended["steps"] > 0
+    pipe = load_base_pipeline(small_toy_dir)
+    (small_toy_dir / "db_adapters.json").write_text(json.dumps({**recommended, "steps": 3}))
+    try:
+        adapter = personalize(
+            pipe,
+            subject_images,
+            "box",
+            num_class_images=2,
+            class_inference_steps=2,
+            progress=False,
+            output_dir=tmp_path,
+        )
+    finally:
+        (small_toy_dir / "db_adapters.json").write_text(json.dumps(recommended))
+    assert len(adapter.history) == 3
+
+
+def test_demo_command(small_toy_dir, tmp_path):
+    result = CliRunner().invoke(main, ["demo", "--model", str(small_toy_dir), "--out", str(tmp_path), "--steps", "2"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "demo.png").exists() and "personalize" in result.output
+
+
+def test_demo_rejects_unknown_subject(small_toy_dir, tmp_path):
+    result = CliRunner().invoke(main, ["demo", "--model", str(small_toy_dir), "--subject", "nope"])
+    assert result.exit_code == 2 and "not a toy subject" in result.output
