@@ -58,3 +58,13 @@ def test_demo_command(small_toy_dir, tmp_path):
 def test_demo_rejects_unknown_subject(small_toy_dir, tmp_path):
     result = CliRunner().invoke(main, ["demo", "--model", str(small_toy_dir), "--subject", "nope"])
     assert result.exit_code == 2 and "not a toy subject" in result.output
+
+
+def test_base_model_quality_report_shape(small_toy_dir):
+    from db_adapters.toy.quality import TARGETS, base_model_quality, prompt_attributes
+
+    report = base_model_quality(load_base_pipeline(small_toy_dir), samples=4, class_samples=2, steps=2)
+    assert set(report["accuracy"]) == set(TARGETS) and all(0 <= v <= 1 for v in report["accuracy"].values())
+    assert set(report["class_prior"]) == {"box", "ball", "cup", "tent"}
+    assert sum(report["class_prior"]["box"]["colors"].values()) == 2
+    assert prompt_attributes(5, 0) == prompt_attributes(5, 0) != prompt_attributes(5, 1)
