@@ -28,6 +28,13 @@ def fixed_instance_loss(pipe, images, prompt: str) -> float:
     return torch.nn.functional.mse_loss(pred, noise).item()
 
 
+def assert_instance_loss_fell(pipe, images, prompt: str) -> None:
+    # A fresh tiny pipeline has the same weights the trained one started from.
+    before = fixed_instance_loss(tiny_pipeline(), images, prompt)
+    after = fixed_instance_loss(pipe, images, prompt)
+    assert after < 0.9 * before, (before, after)
+
+
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
@@ -47,10 +54,7 @@ def test_lora_learns_and_changes_only_adapter_weights(subject_images, tmp_path):
         output_dir=tmp_path,
         progress=False,
     )
-    # Fresh pipeline with the same weights: the loss of the prompt before any training.
-    before = fixed_instance_loss(tiny_pipeline(), subject_images, adapter.instance_prompt)
-    after = fixed_instance_loss(pipe, subject_images, adapter.instance_prompt)
-    assert after < 0.9 * before, (before, after)
+    assert_instance_loss_fell(pipe, subject_images, adapter.instance_prompt)
     assert len(adapter.history) == 40 and {"instance", "prior", "loss", "lr"} <= set(adapter.history[0])
     state = pipe.unet.state_dict()
     lora_keys = [k for k in state if ".lora_" in k]
@@ -81,9 +85,7 @@ def test_full_learns_and_changes_the_unet(subject_images, tmp_path):
         output_dir=tmp_path,
         progress=False,
     )
-    before = fixed_instance_loss(tiny_pipeline(), subject_images, adapter.instance_prompt)
-    after = fixed_instance_loss(pipe, subject_images, adapter.instance_prompt)
-    assert after < 0.9 * before, (before, after)
+    assert_instance_loss_fell(pipe, subject_images, adapter.instance_prompt)
     changed = [k for k, v in pipe.unet.state_dict().items() if not torch.equal(v, base_unet[k])]
     assert len(changed) > 0.5 * len(base_unet)
     assert all(torch.equal(v, base_text[k]) for k, v in pipe.text_encoder.state_dict().items())
