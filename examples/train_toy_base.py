@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, required=True)
     for field in fields(PretrainConfig):
         if field.name != "work_dir":
-            kind = float if field.type in ("float", "float | None") else int
+            kind = {"float": float, "float | None": float, "str": str}.get(field.type, int)
             parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=None)
     args = vars(parser.parse_args(argv))
     config = PretrainConfig(**{k: v for k, v in args.items() if v is not None})

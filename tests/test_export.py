@@ -117,7 +117,7 @@ def test_pickles_and_foreign_files_are_refused(tmp_path, subject_images):
     save_file({"x": torch.zeros(2)}, str(foreign))
     with pytest.raises(AdapterError, match="no db-adapters metadata"):
         load_adapter(tiny_pipeline(), foreign)
-    with pytest.raises(AdapterError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):  # the file system's error stays an OSError
         load_adapter(tiny_pipeline(), tmp_path / "missing.safetensors")
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .errors import AdapterError
-from .export import check_output_path, pack_metadata, read_file_metadata, unpack_metadata
+from .errors import AdapterError, InputError
+from .export import check_output_path, pack_metadata, read_header, unpack_metadata
 from .pipelines import architecture_fingerprint, check_supported, model_id, weights_fingerprint
 from .strategies import Strategy, get_strategy
 
@@ -71,6 +71,9 @@ class Adapter:
     def save(self, path: str | os.PathLike, dtype: torch.dtype | str | None = None) -> Path:
         """Write the adapter to one safetensors file, atomically.
 
+        Launched as several processes (torchrun, accelerate launch), call it on every process: the
+        main process writes the file and the others return at once without waiting for it.
+
         Args:
             path (`str | PathLike`): a `.safetensors` file name; its folder is created if needed.
             dtype (`torch.dtype | str | None`): store weights as float16/bfloat16 to halve the file;
@@ -82,6 +85,10 @@ class Adapter:
         path = check_output_path(path)
         if self.pipe is None or attached_adapter(self.pipe) is not self:
             raise AdapterError("this adapter is no longer attached to its pipeline (it was unloaded); cannot save.")
+        from .distributed import processes
+
+        if not processes(self.pipe.device).is_main:
+            return path  # several processes trained it; the main process alone writes the file
         path.parent.mkdir(parents=True, exist_ok=True)
         self.strategy.save(self.pipe, path, pack_metadata(self.metadata()), _as_dtype(dtype))
         return path
@@ -137,22 +144,41 @@ def load_adapter(pipe: StableDiffusionPipeline, path: str | os.PathLike) -> Adap
         >>> image = pipe(f"a {adapter.identifier} dog on the beach").images[0]  # doctest: +SKIP
     """
     check_supported(pipe)
-    info = unpack_metadata(read_file_metadata(path), path)
+    # Everything that can be checked from the header is, before the pipeline is touched: a pickle is
+    # refused by name, a damaged file or metadata of the wrong types is an AdapterError naming the file.
+    info = unpack_metadata(read_header(path).metadata, path)
     refuse_if_adapted(pipe)
     _check_base_model(pipe, info, path)
-    strategy = get_strategy(info["strategy"])(**info["strategy_config"])
+    strategy = _strategy_of(info, path)
+    # A strategy's `load` checks the weights against the pipeline and, if it raises, leaves it as it was.
     strategy.load(pipe, Path(path))
+    trained_text_encoder = info.get("train_text_encoder")
+    if trained_text_encoder is not None and strategy.train_text_encoder != trained_text_encoder:
+        strategy.remove(pipe)
+        held = "holds" if strategy.train_text_encoder else "holds no"
+        raise AdapterError(
+            f"{str(path)!r}: its metadata says train_text_encoder={trained_text_encoder} but the file {held} "
+            "text-encoder weights; the file is damaged or was edited."
+        )
     adapter = Adapter(
         identifier=info["identifier"],
         class_noun=info["class_noun"],
         instance_prompt=info["instance_prompt"],
         strategy=strategy,
-        base_model=info.get("base_model", {}),
-        resolution=int(info.get("resolution", 0)),
-        steps=int(info.get("steps", 0)),
+        base_model=info.get("base_model") or {},
+        resolution=info.get("resolution") or 0,
+        steps=info.get("steps") or 0,
     )
     attach(pipe, adapter)
     return adapter
+
+
+def _strategy_of(info: dict[str, Any], path: str | os.PathLike) -> Strategy:
+    # A bad strategy name or option in a file is a damaged adapter, not a mistake in the caller's input.
+    try:
+        return get_strategy(info["strategy"])(**info["strategy_config"])
+    except (InputError, TypeError) as error:
+        raise AdapterError(f"{str(path)!r}: metadata names a strategy it cannot build ({error}).") from None
 
 
 def unload_adapter(pipe: StableDiffusionPipeline) -> None:

@@ -14,18 +14,27 @@ from typing import TYPE_CHECKING, Any
 from . import binder
 from .adapter import Adapter, attach, base_model_info, refuse_if_adapted
 from .config import DEFAULT_NUM_CLASS_IMAGES, DEFAULT_STEPS, TrainConfig
-from .data import image_batch, load_images
+from .data import check_image_sizes, image_batch, load_images
 from .errors import InputError
 from .pipelines import check_supported, native_resolution, recommended_settings
 from .prior import class_images as make_class_images
 from .strategies import get_strategy
-from .trainer import StepCallback, Trainer, TrainingSet, encode_images, encode_prompt, prompt_ids
+from .trainer import (
+    StepCallback,
+    Trainer,
+    TrainingSet,
+    encode_images,
+    encode_prompt,
+    prompt_ids,
+    seeded_global_rng,
+)
 
 if TYPE_CHECKING:
     import torch
     from diffusers import StableDiffusionPipeline
     from PIL import Image
 
+    from .checkpoint import RunCheckpoints
     from .strategies import Strategy
 
 logger = logging.getLogger("db_adapters")
@@ -65,6 +74,9 @@ def personalize(
     validation_every: int | None = None,
     seed: int = 0,
     output_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    keep_checkpoints: int = 2,
+    resume: bool = False,
     callback: StepCallback | None = None,
     strict: bool = False,
     **options: Any,
@@ -106,7 +118,14 @@ def personalize(
         validation_prompts (`list[str] | None`): preview prompts; "{id}" becomes the identifier.
         validation_every (`int | None`): render previews every N steps into `output_dir/previews`.
         seed (`int`): seeds the identifier choice, class images, noise and data order.
-        output_dir (`str | PathLike | None`): the run's files (class-image cache, previews).
+        output_dir (`str | PathLike | None`): the run's files (class-image cache, previews, checkpoints).
+        checkpoint_every (`int | None`): save the complete training state to `output_dir/checkpoints`
+            every N steps (safetensors + JSON); needs `output_dir`.
+        keep_checkpoints (`int`): keep only the newest K checkpoints; default 2.
+        resume (`bool`): continue from the newest complete checkpoint in `output_dir/checkpoints`
+            (bit-exactly: the result equals an uninterrupted run's); without one, start afresh
+            (and log so). Refused, naming the difference, if the images, seed, strategy or a
+            setting that changes the result differ from the checkpoint's.
         callback (`Callable[[int, dict], None] | None`): called after every step with the losses.
         strict (`bool`): a questionable `identifier` is an error instead of a warning.
         **options: more `TrainConfig` settings (`random_flip`, `class_sampler`,
@@ -137,6 +156,8 @@ def personalize(
     learning_rate = learning_rate if learning_rate is not None else recommended.get("learning_rate")
     if num_class_images is None:
         num_class_images = recommended.get("num_class_images", DEFAULT_NUM_CLASS_IMAGES)
+    if "class_inference_steps" in recommended:
+        config_options.setdefault("class_inference_steps", recommended["class_inference_steps"])
     config = TrainConfig(
         steps=steps,
         learning_rate=learning_rate,
@@ -160,18 +181,35 @@ def personalize(
         validation_every=validation_every,
         seed=seed,
         output_dir=output_dir,
+        checkpoint_every=checkpoint_every,
+        keep_checkpoints=keep_checkpoints,
+        resume=resume,
         **config_options,
     )
     if config.validation_every and config.output_dir is None:
         raise InputError("validation_every needs output_dir: previews are written to output_dir/previews.")
     subject = load_images(images, name="images")
     resolution = config.resolution or native_resolution(pipe)
+    check_image_sizes(subject, resolution, name="images")
     identifier = _identifier(pipe, identifier, class_noun, seed, strict)
     instance_prompt = instance_prompt or binder.instance_prompt(identifier, class_noun)
     if identifier not in instance_prompt.split():
         logger.warning("instance_prompt %r does not contain the identifier %r.", instance_prompt, identifier)
     class_prompt = class_prompt or binder.class_prompt(class_noun)
     base = base_model_info(pipe)
+    # Checked before class images are generated: a refused resume should cost nothing.
+    checkpoints, resume_from = _run_checkpoints(
+        config,
+        chosen,
+        subject=subject,
+        class_images=class_images,
+        # The weights decide the result, not where the model was loaded from.
+        base_model={k: base[k] for k in ("architecture", "weights")},
+        identifier=identifier,
+        instance_prompt=instance_prompt,
+        class_prompt=class_prompt,
+        resolution=resolution,
+    )
 
     prior = _prior_images(pipe, config, class_prompt, class_images, resolution, base["weights"])
     data = _training_set(pipe, config, subject, prior, instance_prompt, class_prompt, resolution)
@@ -185,7 +223,7 @@ def personalize(
         steps=config.steps,
         extra={"class_prompt": class_prompt, "prior_preservation": config.prior_preservation},
     )
-    adapter.history = _train(pipe, chosen, data, config, callback, identifier)
+    adapter.history = _train(pipe, chosen, data, config, callback, identifier, checkpoints, resume_from)
     attach(pipe, adapter)
     return adapter
 
@@ -194,6 +232,43 @@ def _identifier(pipe: StableDiffusionPipeline, identifier: str | None, class_nou
     if identifier is None:
         return binder.choose_identifier(pipe.tokenizer, class_noun, seed=seed)
     return binder.validate_identifier(pipe.tokenizer, identifier, class_noun, strict=strict)
+
+
+def _run_checkpoints(
+    config: TrainConfig,
+    strategy: Strategy,
+    *,
+    subject: list[Image.Image],
+    class_images: ImagesInput | None,
+    **facts: Any,
+) -> tuple[RunCheckpoints | None, tuple | None]:
+    """The run's checkpoint folder (None without checkpoint_every/resume) and the checkpoint to resume from."""
+    if not (config.checkpoint_every or config.resume):
+        return None, None
+    from .checkpoint import FOLDER_NAME, RunCheckpoints, images_digest, run_fingerprint
+
+    given = load_images(class_images, name="class_images") if class_images is not None else []
+    learning_rate = config.learning_rate or strategy.default_learning_rate
+    fingerprint = run_fingerprint(
+        config,
+        learning_rate=learning_rate,
+        # The resolved rates: None and the default it stands for are the same run.
+        text_encoder_learning_rate=(config.text_encoder_learning_rate or learning_rate)
+        if config.train_text_encoder
+        else None,
+        images=images_digest(subject),
+        class_images=images_digest(given) if given else None,
+        strategy=strategy.name,
+        strategy_options=strategy.config(),
+        **facts,
+    )
+    checkpoints = RunCheckpoints(
+        config.output_dir / FOLDER_NAME, fingerprint, every=config.checkpoint_every, keep=config.keep_checkpoints
+    )
+    if config.resume:
+        return checkpoints, checkpoints.resume_point()
+    checkpoints.refuse_to_overwrite()
+    return checkpoints, None
 
 
 def default_cache_dir() -> Path:
@@ -266,10 +341,14 @@ def _train(
     config: TrainConfig,
     callback: StepCallback | None,
     identifier: str,
+    checkpoints: RunCheckpoints | None = None,
+    resume_from: tuple | None = None,
 ) -> list[dict[str, float]]:
     flags = _requires_grad_flags(pipe)
     lr = config.learning_rate or strategy.default_learning_rate
-    strategy.apply(pipe, train_text_encoder=config.train_text_encoder)
+    # peft draws LoRA's initial weights from the global RNG: seed it, so a run depends on `seed` alone.
+    with seeded_global_rng(config.seed, pipe.unet.device):
+        strategy.apply(pipe, train_text_encoder=config.train_text_encoder)
     try:
         trainer = Trainer(
             pipe,
@@ -280,6 +359,8 @@ def _train(
             text_encoder_learning_rate=config.text_encoder_learning_rate or lr,
             callback=callback,
             validation=_previewer(pipe, config, identifier),
+            checkpoints=checkpoints,
+            resume_from=resume_from,
         )
         history = trainer.run()
     except BaseException:
@@ -311,6 +392,10 @@ def _previewer(pipe: StableDiffusionPipeline, config: TrainConfig, identifier: s
     def render(step: int) -> None:
         import torch
 
+        from .distributed import processes
+
+        if not processes(pipe.device).is_main:
+            return  # the main process alone renders and writes previews
         folder = config.output_dir / "previews"
         folder.mkdir(parents=True, exist_ok=True)
         resolution = native_resolution(pipe) if config.resolution is None else config.resolution

@@ -10,7 +10,8 @@ import json
 import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ def friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             _fail(_one_line(error))
         except KeyboardInterrupt:
-            _fail("interrupted; nothing was saved.", code=130)
+            _fail("interrupted; the adapter was not saved (checkpoints in --output-dir stay; --resume).", code=130)
         except Exception as error:  # a bug of ours: still one line, the traceback on request
             if debug:
                 raise
@@ -66,6 +67,7 @@ def load_pipeline(model: str, device: str | None) -> Any:
     import transformers.utils.logging
     from diffusers import DiffusionPipeline
 
+    from .distributed import training_device
     from .pipelines import check_supported
 
     transformers.utils.logging.disable_progress_bar()
@@ -74,6 +76,9 @@ def load_pipeline(model: str, device: str | None) -> Any:
     if not model:
         raise InputError("--model is required: a local diffusers folder or a hub id.")
     local = Path(model)
+    if not local.exists() and (local.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1):
+        # A hub id is "owner/name"; anything else that looks like a path is a folder that is not there.
+        raise InputError(f"--model {model!r} does not exist; pass a local diffusers folder or a hub id (owner/name).")
     if local.exists() and not (local / "model_index.json").is_file():
         raise InputError(f"--model {model!r} is not a diffusers pipeline folder (it has no model_index.json).")
     try:
@@ -85,7 +90,7 @@ def load_pipeline(model: str, device: str | None) -> Any:
             "or a hub id with network access or a filled hub cache."
         ) from None
     check_supported(pipe)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or str(training_device())  # each launched process its own GPU
     try:
         pipe.to(torch.device(device))
     except (RuntimeError, AssertionError) as error:
@@ -94,7 +99,41 @@ def load_pipeline(model: str, device: str | None) -> Any:
     return pipe
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+# Click shows these usage errors with the help text on purpose (e.g. `db-adapt` with no command).
+_SHOWS_HELP = tuple(getattr(click.exceptions, name) for name in ("NoArgsIsHelpError",) if hasattr(click.exceptions, name))
+
+
+@contextmanager
+def _one_line_usage_errors() -> Iterator[None]:
+    try:
+        yield
+    except click.UsageError as error:
+        if error.ctx is None or isinstance(error, _SHOWS_HELP):
+            raise
+        hint = f" (see '{error.ctx.command_path} --help')"
+        raise click.UsageError(" ".join(error.format_message().split()) + hint) from None
+
+
+class OneLineUsageGroup(click.Group):
+    """A command group whose usage errors (a missing or malformed option) are one line, like every other error.
+
+    Click prints a usage error as the usage text, a hint and the error on three lines; here it is
+    `Error: Missing option '--images'. (see 'db-adapt train --help')`, with the same exit code 2.
+    """
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        with _one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        # A sub-command parses its options inside the group's invoke, so its usage errors pass here.
+        with _one_line_usage_errors():
+            return super().invoke(ctx)
+
+
+@click.group(
+    cls=OneLineUsageGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
+)
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 @click.version_option(package_name="db-adapters")
 def main(debug: bool) -> None:
@@ -146,7 +185,15 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:  #
 @click.option("--validation-prompt", "validation_prompts", multiple=True, help='Preview prompt; "{id}" ok.')
 @click.option("--validation-every", type=int, default=None)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--output-dir", default=None, help="The run's files: class-image cache, previews.")
+@click.option("--output-dir", default=None, help="The run's files: class-image cache, previews, checkpoints.")
+@click.option(
+    "--checkpoint-every",
+    type=int,
+    default=None,
+    help="Save the training state to OUTPUT_DIR/checkpoints every N steps.",
+)
+@click.option("--keep-checkpoints", type=int, default=2, show_default=True, help="Keep the newest K checkpoints.")
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in OUTPUT_DIR/checkpoints.")
 @click.option("--class-image-dir", default=None, help="Class-image cache (default: OUTPUT_DIR/class_images).")
 @click.option("--random-flip", is_flag=True)
 @click.option("--class-sampler", default="dpmsolver++", show_default=True)
@@ -166,6 +213,7 @@ def train(
     from .api import personalize
     from .binder import validate_class_noun
     from .data import load_images
+    from .distributed import processes
     from .export import check_output_path
 
     output_path = check_output_path(output)
@@ -181,6 +229,8 @@ def train(
     pipe = load_pipeline(model, device) if model else load_toy_base(device)
     adapter = personalize(pipe, subject, class_noun, **kw, **strategy_options)
     adapter.save(output_path, dtype=save_dtype)
+    if not processes(pipe.device).is_main:
+        return  # under torchrun / accelerate launch the main process wrote the file and reports it
     click.echo(f"saved {output_path} ({output_path.stat().st_size / 1e6:.2f} MB)")
     click.echo(f'identifier: {adapter.identifier}   try: --prompt "a {{id}} {adapter.class_noun} on the beach"')
 

@@ -61,6 +61,9 @@ class TrainConfig:
     seed: int = 0
     output_dir: Path | None = None
     progress: bool = True
+    checkpoint_every: int | None = None  # save the training state to output_dir/checkpoints every N steps
+    keep_checkpoints: int = 2  # the newest K checkpoints are kept
+    resume: bool = False  # continue from the newest checkpoint in output_dir/checkpoints
 
     def __post_init__(self) -> None:
         self._check_positive_int("steps", self.steps)
@@ -103,8 +106,21 @@ class TrainConfig:
             raise InputError(f"seed={self.seed!r} must be an integer >= 0.")
         if self.output_dir is not None:
             self.output_dir = Path(self.output_dir)
+        self._check_checkpoint_settings()
         if self.class_image_dir is not None:
             self.class_image_dir = Path(self.class_image_dir)
+
+    def _check_checkpoint_settings(self) -> None:
+        if self.checkpoint_every is not None:
+            self._check_positive_int("checkpoint_every", self.checkpoint_every)
+        self._check_positive_int("keep_checkpoints", self.keep_checkpoints)
+        if not isinstance(self.resume, bool):
+            raise InputError(f"resume={self.resume!r} must be True or False.")
+        for name in ("checkpoint_every", "resume"):
+            if getattr(self, name) and self.output_dir is None:
+                raise InputError(
+                    f"{name} needs output_dir (--output-dir): checkpoints are kept in output_dir/checkpoints."
+                )
 
     @staticmethod
     def _check_positive_int(name: str, value: Any) -> None:

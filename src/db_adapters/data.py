@@ -44,6 +44,8 @@ _HOW_TO_PASS = "pass a folder of images, image paths or PIL images"
 _WHITE = (255, 255, 255, 255)
 # VAEs of the Stable Diffusion family downsample by 8, so the latent grid needs a multiple of 8.
 _RESOLUTION_MULTIPLE = 8
+# A photo upscaled more than this to the training resolution is a blur of a few pixels, not a subject.
+MAX_UPSCALE = 8
 
 ImageSource = str | os.PathLike[str] | Image.Image
 ImageInput = ImageSource | Sequence[ImageSource]
@@ -62,7 +64,7 @@ def load_images(images: ImageInput, *, name: str = "images") -> list[Image.Image
 
     Raises:
         InputError: A path does not exist, a folder holds no images, a file is not a readable image,
-            a list is empty or holds something other than a path or a PIL image.
+            a list is empty or holds something other than a path or a PIL image, a PIL image has no pixels.
 
     Example:
         >>> from PIL import Image
@@ -160,6 +162,33 @@ def validate_resolution(resolution: int) -> int:
     return int(resolution)
 
 
+def check_image_sizes(images: Sequence[Image.Image], resolution: int, *, name: str = "images") -> None:
+    """Refuse images too small to train at `resolution`: upscaled more than `MAX_UPSCALE` times.
+
+    Args:
+        images: PIL images, e.g. from `load_images`.
+        resolution: The training resolution in pixels.
+        name: What to call `images` in the error message.
+
+    Raises:
+        InputError: An image's shorter side times `MAX_UPSCALE` is below `resolution`; the message
+            names the image (by index) and its size.
+
+    Example:
+        >>> from PIL import Image
+        >>> check_image_sizes([Image.new("RGB", (64, 48))], 256)
+    """
+    for index, image in enumerate(images):
+        if min(image.size) * MAX_UPSCALE < resolution:
+            width, height = image.size
+            smallest = -(-resolution // MAX_UPSCALE)
+            raise InputError(
+                f"{name}[{index}] is {width}x{height} px, too small to train at resolution {resolution} (it would "
+                f"be upscaled more than {MAX_UPSCALE}x into a blur); use photos of at least {smallest} px on the "
+                f"shorter side (ideally {resolution}), or a lower resolution"
+            )
+
+
 def _image_files_at(path: Path, name: str) -> list[Path]:
     if path.is_dir():
         return _image_files_in_folder(path, name)
@@ -219,6 +248,9 @@ def _load_image_file(path: Path, name: str) -> Image.Image:
 
 
 def _normalise_image(image: Image.Image, label: str) -> Image.Image:
+    if 0 in image.size:
+        # Pillow makes 0-pixel images, but there is nothing in them to resize or crop.
+        raise InputError(f"{label}: this PIL image is {image.width}x{image.height} px, empty; remove it from the list")
     try:
         return _upright_rgb(image)
     except _UNREADABLE_IMAGE_ERRORS as error:

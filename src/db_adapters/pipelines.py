@@ -20,7 +20,7 @@ SUPPORTED = "StableDiffusionPipeline (Stable Diffusion 1.x and 2.x)"
 # A model folder may carry its own recommended personalization settings (a small model needs other
 # steps and learning rates than SD 1.5); `personalize` uses them for the settings left out.
 RECOMMENDATIONS_FILE = "db_adapters.json"
-RECOMMENDABLE = ("steps", "learning_rate", "num_class_images")
+RECOMMENDABLE = ("steps", "learning_rate", "num_class_images", "class_inference_steps")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
@@ -96,7 +96,7 @@ def weights_fingerprint(pipe: DiffusionPipeline) -> str:
 
 
 def recommended_settings(pipe: DiffusionPipeline) -> dict[str, Any]:
-    """The model folder's recommended `personalize` settings (steps, learning_rate, num_class_images)."""
+    """The model folder's recommended `personalize` settings (steps, learning rate, class images and their steps)."""
     from pathlib import Path
 
     folder = model_id(pipe)

@@ -2,7 +2,9 @@
 
 The cache key is (base-model fingerprint, class prompt, resolution, count, seed), so a rerun with the
 same settings reuses the images, and an interrupted generation resumes with only the missing ones.
-Image i is always drawn from seed (seed, i), whatever the batch size, so the set is reproducible.
+Image i is always drawn from seed (seed, i), whatever the batch size or the number of processes, so
+the set is reproducible. Launched as several processes, rank r generates images r, r + world, ...;
+the ranks exchange them, the main process alone writes the cache, and all wait for it at a barrier.
 """
 
 from __future__ import annotations
@@ -10,11 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .distributed import Processes, processes
 from .errors import InputError
 from .export import write_atomically
 
@@ -170,30 +174,67 @@ def _cached_generation(
 ) -> list[Image.Image]:
     from PIL import Image
 
-    folder.mkdir(parents=True, exist_ok=True)
+    procs = processes(pipe.device)
     paths = [folder / f"class_{i:05d}.png" for i in range(count)]
-    todo = [i for i, path in enumerate(paths) if not path.exists()]
+    # An image missing on any rank's disk is made again, so ranks on nodes without a shared
+    # cache folder still agree on what to generate.
+    missing = procs.any([not path.exists() for path in paths])
+    todo = [i for i, absent in enumerate(missing) if absent]
+    made: dict[int, Image.Image] = {}
     if todo:
-        logger.info("generating %d class images for %r into %s", len(todo), prompt, folder)
+        write = None
+        if procs.is_main:  # the one process that writes files
+            folder.mkdir(parents=True, exist_ok=True)
+            logger.info("generating %d class images for %r into %s", len(todo), prompt, folder)
+
+            def write(index: int, image: Image.Image) -> None:
+                write_atomically(paths[index], lambda tmp: image.save(tmp, format="PNG"))
+
         with generation_setup(pipe, sampler):
-            for attempt in range(MAX_BLACK_RETRIES + 1):
-                seeds = [image_seed(seed, i, attempt) for i in todo]
-                images = generate_images(
-                    pipe, prompt, seeds, resolution, num_inference_steps=steps, batch_size=batch_size
-                )
-                for index, image in zip(todo, images, strict=True):
-                    if not is_black(image):
-                        write_atomically(paths[index], lambda tmp, im=image: im.save(tmp, format="PNG"))
-                todo = [i for i in todo if not paths[i].exists()]
-                if not todo:
-                    break
-        if todo:
+            made, failed = _generate_shared(pipe, prompt, todo, resolution, seed, steps, batch_size, procs, write)
+        if procs.is_main and not failed:
+            (folder / "info.json").write_text(json.dumps({"prompt": prompt, "count": count, "seed": seed}))
+        procs.barrier()  # the cache is complete on disk before any rank moves on
+        if failed:
             raise InputError(
-                f"{len(todo)} class images for {prompt!r} came out black {MAX_BLACK_RETRIES + 1} times; "
+                f"{len(failed)} class images for {prompt!r} came out black {MAX_BLACK_RETRIES + 1} times; "
                 "the model may be producing NaNs (try fp32) or the prompt is filtered. Pass your own class_images."
             )
-        (folder / "info.json").write_text(json.dumps({"prompt": prompt, "count": count, "seed": seed}))
-    return [_read(path, Image) for path in paths]
+    return [made[i] if i in made else _read(path, Image) for i, path in enumerate(paths)]
+
+
+def _generate_shared(
+    pipe: StableDiffusionPipeline,
+    prompt: str,
+    todo: list[int],
+    resolution: int,
+    seed: int,
+    steps: int,
+    batch_size: int,
+    procs: Processes,
+    write: Callable[[int, Image.Image], None] | None,
+) -> tuple[dict[int, Image.Image], list[int]]:
+    """Generate images `todo`, each rank its share; every rank gets every good image.
+
+    `write` (main process only) stores each image as it arrives. Returns the images and the indices
+    still black after the retries (both the same on every rank).
+    """
+    made: dict[int, Image.Image] = {}
+    for attempt in range(MAX_BLACK_RETRIES + 1):
+        mine = procs.share(todo)
+        logger.debug("process %d of %d: class images %s (attempt %d)", procs.rank, procs.world, mine, attempt)
+        seeds = [image_seed(seed, i, attempt) for i in mine]
+        images = generate_images(pipe, prompt, seeds, resolution, num_inference_steps=steps, batch_size=batch_size)
+        good = {i: image for i, image in zip(mine, images, strict=True) if not is_black(image)}
+        largest_share = math.ceil(len(todo) / procs.world)
+        for index, image in sorted(procs.gather_images(good, largest_share, resolution).items()):
+            made[index] = image
+            if write is not None:
+                write(index, image)
+        todo = [i for i in todo if i not in made]
+        if not todo:
+            break
+    return made, todo
 
 
 def _read(path: Path, image_module: Any) -> Image.Image:

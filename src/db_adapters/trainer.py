@@ -4,6 +4,11 @@ It takes a pipeline already made trainable by a strategy, the encoded training s
 optimises `strategy.trainable_parameters(pipe)`; it does not know which strategy it runs. Each step
 draws `batch_size` instance and `batch_size` class latents, noises each with its own timesteps, runs
 the UNet once on both halves, and hands the halves to the loss separately.
+
+With `RunCheckpoints` it saves its complete state every N steps (trainable weights, optimizer,
+lr scheduler, gradient scaler, step, every RNG, data order, loss history) and resumes from one
+bit-exactly: the global torch RNG (dropout) is seeded from `config.seed` for the run and restored
+with the rest, so a resumed run computes the very same steps the uninterrupted run would have.
 """
 
 from __future__ import annotations
@@ -15,15 +20,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .checkpoint import optimizer_state, restore_optimizer, restore_rng, rng_state
+from .distributed import rank_seed
 from .errors import DbAdaptersError
 from .loss import LossHalf, PriorPreservationLoss, training_target
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+    from pathlib import Path
 
     import torch
     from diffusers import StableDiffusionPipeline
 
+    from .checkpoint import RunCheckpoints
     from .config import TrainConfig
     from .strategies import Strategy
 
@@ -116,12 +125,57 @@ class IndexStream:
             self.position += 1
         return torch.tensor(picked)
 
+    def state(self) -> dict[str, Any]:
+        """The pass order and position (JSON-able); the generator is saved by its owner."""
+        return {"size": self.size, "order": list(self.order), "position": self.position}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        if state["size"] != self.size:
+            raise TrainingError(f"the checkpoint's data has {state['size']} items, this run {self.size}.")
+        self.order, self.position = list(state["order"]), int(state["position"])
+
+
+@contextmanager
+def seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed torch's global RNG (CPU, and `device` if CUDA) for the block; the caller's state after.
+
+    Dropout and peft's LoRA initialisation draw from the global RNG; seeding it per run makes a run
+    depend on `seed` alone, not on what the process did before.
+
+    Args:
+        seed (`int`): the run's seed.
+        device (`torch.device`): the training device; a CUDA device's RNG is forked and seeded too.
+
+    Example:
+        >>> import torch
+        >>> with seeded_global_rng(1, torch.device("cpu")):
+        ...     a = torch.rand(1)
+        >>> with seeded_global_rng(1, torch.device("cpu")):
+        ...     b = torch.rand(1)
+        >>> bool(a == b)
+        True
+    """
+    import torch
+
+    cuda = device.type == "cuda" and torch.cuda.is_available()
+    index = device.index if device.index is not None else (torch.cuda.current_device() if cuda else 0)
+    with torch.random.fork_rng(devices=[index] if cuda else [], device_type="cuda"):
+        torch.random.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
+        yield
+
 
 def _make_accelerator(config: TrainConfig, device: torch.device) -> Any:
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.state import AcceleratorState
 
-    if not PartialState().use_distributed:
+    from .distributed import processes
+
+    # processes() sets accelerate's state up for CPU (gloo) when several CPU processes were launched;
+    # a bare PartialState() would make each of them a single process on a machine without GPUs.
+    if processes(device).world == 1:
         # accelerate keeps one process-wide state and refuses a second Accelerator with other
         # settings; a library is called many times per process, so start each run afresh.
         AcceleratorState._reset_state()
@@ -173,7 +227,11 @@ def _set_checkpointing(module: torch.nn.Module, on: bool) -> None:
 
 
 class Trainer:
-    """Runs `config.steps` optimiser steps of DreamBooth on `pipe`, in place."""
+    """Runs `config.steps` optimiser steps of DreamBooth on `pipe`, in place.
+
+    With `checkpoints` it saves its state when `checkpoints.due(step)`; with `resume_from` (a
+    checkpoint's path, tensors and info) it continues from that checkpoint's step.
+    """
 
     def __init__(
         self,
@@ -186,12 +244,16 @@ class Trainer:
         text_encoder_learning_rate: float,
         callback: StepCallback | None = None,
         validation: Callable[[int], None] | None = None,
+        checkpoints: RunCheckpoints | None = None,
+        resume_from: tuple[Path, dict[str, torch.Tensor], dict[str, Any]] | None = None,
     ) -> None:
         from diffusers import DDPMScheduler
 
         self.pipe, self.strategy, self.data, self.config = pipe, strategy, data, config
         self.lrs = {"unet": learning_rate, "text_encoder": text_encoder_learning_rate}
         self.callback, self.validation = callback, validation
+        self.checkpoints, self.resume_from = checkpoints, resume_from
+        self.last_checkpoint: Path | None = resume_from[0] if resume_from else None
         # Training noise always follows the DDPM forward process of the model's own schedule,
         # whatever sampler the user set on the pipeline for inference.
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -201,46 +263,36 @@ class Trainer:
         self.history: list[dict[str, float]] = []
 
     def run(self) -> list[dict[str, float]]:
-        import torch
-
         config = self.config
-        params = self.strategy.trainable_parameters(self.pipe)
-        for group in params.values():
+        self._params = self.strategy.trainable_parameters(self.pipe)
+        for group in self._params.values():
             for param in group:
                 param.requires_grad_(True)
-        components = [c for c in ("unet", "text_encoder") if params.get(c)]
+        trainable = [p for group in self._params.values() for p in group]
+        self._check_trainable_dtypes(trainable)
+        components = [c for c in ("unet", "text_encoder") if self._params.get(c)]
         modules = [getattr(self.pipe, c) for c in components]
         accelerator = _make_accelerator(config, self.pipe.unet.device)
-        groups = [{"params": params[c], "lr": self.lrs[c]} for c in components]
-        optimizer = make_optimizer(groups, config)
-        from diffusers.optimization import get_scheduler
-
-        lr_scheduler = get_scheduler(
-            config.lr_scheduler,
-            optimizer,
-            num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
-            num_training_steps=config.steps * accelerator.num_processes,
-        )
-        prepared = accelerator.prepare(*modules, optimizer, lr_scheduler)
-        models, optimizer, lr_scheduler = list(prepared[: len(modules)]), prepared[-2], prepared[-1]
+        models, optimizer, lr_scheduler = self._prepare(accelerator, components, modules)
+        self._accelerator, self._optimizer, self._lr_scheduler = accelerator, optimizer, lr_scheduler
+        self._seed = rank_seed(config.seed, accelerator.process_index)
         self._models = dict(zip(components, models, strict=True))
-        generator = torch.Generator("cpu").manual_seed(config.seed)
-        self._instances = IndexStream(len(self.data.instance), generator)
-        self._priors = IndexStream(len(self.data.prior), generator) if self.data.prior is not None else None
-        self._generator = generator
-        trainable = [p for group in params.values() for p in group]
+        self._data_streams()
         progress = _progress_bar(config, accelerator)
         try:
-            with training_mode(modules, config.gradient_checkpointing):
-                for step in range(1, config.steps + 1):
+            with (
+                seeded_global_rng(self._seed, accelerator.device),
+                training_mode(modules, config.gradient_checkpointing),
+            ):
+                start = self._restore(*self.resume_from[1:]) if self.resume_from else 0
+                progress.update(start)
+                for step in range(start + 1, config.steps + 1):
                     logs = self._optimiser_step(accelerator, models, optimizer, lr_scheduler, trainable, step)
                     self.history.append({"step": step, **logs})
                     progress.update(1)
                     progress.set_postfix({k: f"{v:.4f}" for k, v in logs.items() if k != "lr"})
-                    if self.callback is not None:
-                        self.callback(step, logs)
-                    if self.validation and config.validation_every and step % config.validation_every == 0:
-                        self.validation(step)
+                    self._after_step(step, logs, accelerator)
+            _log_steps_run(start, config.steps)
         finally:
             progress.close()
             for model in models:
@@ -250,6 +302,118 @@ class Trainer:
             for param in trainable:
                 param.grad = None
         return self.history
+
+    def _prepare(self, accelerator: Any, components: list[str], modules: list[Any]) -> tuple[list, Any, Any]:
+        from diffusers.optimization import get_scheduler
+
+        config = self.config
+        groups = [{"params": self._params[c], "lr": self.lrs[c]} for c in components]
+        optimizer = make_optimizer(groups, config)
+        lr_scheduler = get_scheduler(
+            config.lr_scheduler,
+            optimizer,
+            num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+            num_training_steps=config.steps * accelerator.num_processes,
+        )
+        prepared = accelerator.prepare(*modules, optimizer, lr_scheduler)
+        return list(prepared[: len(modules)]), prepared[-2], prepared[-1]
+
+    def _data_streams(self) -> None:
+        import torch
+
+        # One generator draws data order, latents, noise and timesteps: its state is the data's state.
+        # Each process of a multi-process run draws its own (rank_seed; rank 0 keeps `seed`).
+        self._generator = torch.Generator("cpu").manual_seed(self._seed)
+        self._instances = IndexStream(len(self.data.instance), self._generator)
+        self._priors = IndexStream(len(self.data.prior), self._generator) if self.data.prior is not None else None
+
+    def _after_step(self, step: int, logs: dict[str, float], accelerator: Any) -> None:
+        import torch
+
+        config = self.config
+        if self.callback is not None:
+            self.callback(step, logs)
+        if self.validation and config.validation_every and step % config.validation_every == 0:
+            # Previews draw their own noise; they must not move the training RNG.
+            with torch.random.fork_rng(devices=_cuda_devices(accelerator.device), device_type="cuda"):
+                self.validation(step)
+        if self.checkpoints is not None and self.checkpoints.due(step) and accelerator.is_main_process:
+            self.last_checkpoint = self.checkpoints.save(step, *self.state(step))
+            logger.info("saved checkpoint %s", self.last_checkpoint)
+
+    def state(self, step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The complete training state after `step`: (tensors for safetensors, JSON-able info)."""
+        tensors: dict[str, torch.Tensor] = {}
+        for component, group in self._params.items():
+            for index, param in enumerate(group):
+                tensors[f"weights.{component}.{index}"] = param.detach().cpu()
+        optimizer_tensors, optimizer_plain = optimizer_state(self._optimizer)
+        rng_tensors, rng_plain = rng_state()
+        tensors |= optimizer_tensors | rng_tensors
+        tensors["rng.trainer"] = self._generator.get_state()
+        scaler = self._accelerator.scaler
+        info = {
+            "steps": self.config.steps,
+            "weights": {c: [list(p.shape) for p in group] for c, group in self._params.items()},
+            "optimizer": optimizer_plain,
+            "lr_scheduler": self._lr_scheduler.state_dict(),
+            "grad_scaler": scaler.state_dict() if scaler is not None else {},
+            "rng": rng_plain,
+            "data": {
+                "instance": self._instances.state(),
+                "prior": self._priors.state() if self._priors is not None else None,
+            },
+            "history": self.history,
+        }
+        return tensors, info
+
+    def _restore(self, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> int:
+        """Load a `state()` back; returns the step it was taken after."""
+        import torch
+
+        shapes = {c: [list(p.shape) for p in group] for c, group in self._params.items()}
+        if info["weights"] != shapes:
+            raise TrainingError(
+                f"the checkpoint's trainable weights ({_count(info['weights'])}) do not match this run's "
+                f"({_count(shapes)}); use a new output_dir."
+            )
+        with torch.no_grad():
+            for component, group in self._params.items():
+                for index, param in enumerate(group):
+                    param.copy_(tensors[f"weights.{component}.{index}"].to(param.device, param.dtype))
+        restore_optimizer(self._optimizer, tensors, info["optimizer"])
+        self._lr_scheduler.load_state_dict(info["lr_scheduler"])
+        if info["grad_scaler"] and self._accelerator.scaler is not None:
+            self._accelerator.scaler.load_state_dict(info["grad_scaler"])
+        step = int(info["step"])
+        if self._accelerator.process_index == 0:
+            restore_rng(tensors, info["rng"])
+            self._generator.set_state(tensors["rng.trainer"])
+            self._instances.load_state(info["data"]["instance"])
+            if self._priors is not None:
+                self._priors.load_state(info["data"]["prior"])
+        else:
+            # Only the main process's RNG and data order are saved: the other processes go on with
+            # fresh noise (a resume is bit-exact on one process; on several, weights and optimizer are).
+            fresh = rank_seed(self.config.seed + step, self._accelerator.process_index)
+            self._generator.manual_seed(fresh)
+            torch.random.default_generator.manual_seed(fresh)
+        self.history = [dict(entry) for entry in info["history"]]
+        logger.warning("resuming from step %d of %d (%s)", step, self.config.steps, self.resume_from[0])
+        return step
+
+    def _check_trainable_dtypes(self, trainable: list[torch.nn.Parameter]) -> None:
+        import torch
+
+        if self.config.mixed_precision == "no":
+            return
+        wrong = sorted({str(p.dtype).removeprefix("torch.") for p in trainable if p.dtype != torch.float32})
+        if wrong:
+            raise TrainingError(
+                f"strategy {self.strategy.name!r} left trainable weights in {', '.join(wrong)}; under "
+                f"mixed_precision={self.config.mixed_precision!r} they must be float32 (AMP unscales only fp32 "
+                "gradients). Cast them to float32 in the strategy's apply(), or train with mixed_precision='no'."
+            )
 
     def _optimiser_step(self, accelerator, models, optimizer, lr_scheduler, trainable, step: int) -> dict[str, float]:
         sums = {"loss": 0.0, "instance": 0.0, "prior": 0.0}
@@ -275,12 +439,24 @@ class Trainer:
         return logs
 
     def _check_finite(self, terms, step: int) -> None:
+        # Checked before backward: the weights (and any checkpoint) are still those of the last good step.
         for name, value in (("instance", terms.instance), ("prior", terms.prior)):
             if value is not None and not math.isfinite(float(value.detach())):
-                raise TrainingError(
-                    f"the {name} loss became {float(value.detach())} at step {step}; lower the learning rate "
-                    "or train in fp32 (mixed_precision='no')."
-                )
+                raise TrainingError(self._non_finite_message(name, float(value.detach()), step))
+
+    def _non_finite_message(self, term: str, value: float, step: int) -> str:
+        config = self.config
+        advice = f"lower the learning rate (now {self.lrs['unet']:g})"
+        if config.mixed_precision != "no":
+            advice += f" or train in fp32 (mixed_precision='no' instead of {config.mixed_precision!r})"
+        else:
+            advice += ", or set max_grad_norm lower or snr_gamma=5.0"
+        saved = ""
+        if self.last_checkpoint is not None:
+            saved = f" The last checkpoint, {self.last_checkpoint}, is intact."
+        elif self.checkpoints is not None:
+            saved = " No checkpoint had been written yet."
+        return f"the {term} loss became {value} at step {step} of {config.steps}; {advice}, and start a new run.{saved}"
 
     def _noised(self, bank: LatentBank, indices) -> tuple[Any, Any, Any, Any]:
         import torch
@@ -324,6 +500,25 @@ class Trainer:
         if len(halves) == 2:
             prior = LossHalf(parts[1], halves[1][2].to(device), halves[1][1].to(device))
         return self.loss(instance, prior)
+
+
+def _cuda_devices(device: torch.device) -> list[int]:
+    import torch
+
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
+
+
+def _log_steps_run(start: int, steps: int) -> None:
+    if start >= steps:
+        logger.info("nothing left to train: the checkpoint is at the last step, %d", steps)
+    else:
+        logger.info("trained steps %d-%d: %d of %d steps run", start + 1, steps, steps - start, steps)
+
+
+def _count(shapes: dict[str, list]) -> str:
+    return ", ".join(f"{len(group)} {component} tensors" for component, group in shapes.items())
 
 
 def _progress_bar(config: TrainConfig, accelerator: Any) -> Any:

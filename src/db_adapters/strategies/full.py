@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import AdapterError
-from ..export import read_tensors, save_tensors
+from ..export import read_weights, save_tensors, tensors_by_component
 from . import register_strategy
 from .base import Strategy
 
@@ -59,22 +59,21 @@ class FullFineTune(Strategy):
         save_tensors(path, tensors, metadata)
 
     def load(self, pipe: StableDiffusionPipeline, path: Path) -> None:
-        tensors = read_tensors(path)
-        per_component: dict[str, dict[str, torch.Tensor]] = {}
-        for key, tensor in tensors.items():
-            component, _, name = key.partition(".")
-            if component not in ("unet", "text_encoder") or not name:
-                raise AdapterError(f"{str(path)!r}: unexpected tensor {key!r} in a full fine-tune file.")
-            per_component.setdefault(component, {})[name] = tensor
+        """Replace the components' weights by the file's; every check comes first, and a failure restores them."""
+        per_component = tensors_by_component(read_weights(path), path)
         for component, state in per_component.items():
             _check_state_fits(getattr(pipe, component), state, component, path)
         self.components = tuple(per_component)
         self.train_text_encoder = "text_encoder" in per_component
         self._backup_base(pipe, self.components)
-        for component, state in per_component.items():
-            module = getattr(pipe, component)
-            dtype = self._dtypes[component]
-            module.load_state_dict({name: tensor.to(dtype) for name, tensor in state.items()})
+        try:
+            for component, state in per_component.items():
+                module = getattr(pipe, component)
+                dtype = self._dtypes[component]
+                module.load_state_dict({name: tensor.to(dtype) for name, tensor in state.items()})
+        except BaseException:
+            self.remove(pipe)
+            raise
 
     def _backup_base(self, pipe: StableDiffusionPipeline, components: tuple[str, ...]) -> None:
         # A CPU copy is the only way back to the base model after every weight changed; it costs

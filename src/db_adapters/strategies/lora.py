@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import AdapterError, InputError
-from ..export import read_file_metadata, read_tensors, save_tensors
+from ..export import read_file_metadata, read_tensors, read_weights, save_tensors, tensors_by_component
 from . import register_strategy
 from .base import Strategy
 
@@ -129,7 +126,11 @@ class Lora(Strategy):
             if component == "text_encoder":
                 state = _with_text_model_prefix(state)
             layers[component] = {k: v.to("cpu", dtype) if dtype else v.to("cpu") for k, v in state.items()}
-            configs[component] = self._lora_config(self._targets(component)).to_dict()
+            config = self._lora_config(self._targets(component)).to_dict()
+            # peft keeps target_modules as a set, which would be written in the process's hash-seeded
+            # order: sorted, the same training writes the same file in every process.
+            config["target_modules"] = sorted(config["target_modules"])
+            configs[component] = config
         with tempfile.TemporaryDirectory(prefix=".db-adapters-", dir=Path(path).parent) as scratch:
             # diffusers writes its own key layout and `lora_adapter_metadata`; we add our metadata
             # beside them and move the file into place atomically.
@@ -145,37 +146,58 @@ class Lora(Strategy):
             save_tensors(path, read_tensors(written), {**read_file_metadata(written), **metadata})
 
     def load(self, pipe: StableDiffusionPipeline, path: Path) -> None:
-        header = read_file_metadata(path)
-        components = {key.partition(".")[0] for key in read_tensors(path)}
-        if not components <= {"unet", "text_encoder"}:
-            raise AdapterError(f"{str(path)!r}: tensors for unknown components {sorted(components)} in a LoRA file.")
-        self.components = tuple(c for c in ("unet", "text_encoder") if c in components)
-        self.train_text_encoder = "text_encoder" in components
-        _check_lora_metadata(header, path)
+        """Inject LoRA layers as `apply` does and fill them from the file; if it raises, the pipeline is unchanged.
+
+        The file's weights are checked (keys, shapes, rank) against the layers `apply` would inject,
+        then handed to peft as a state dict; the file itself never goes to `pipe.load_lora_weights`,
+        whose fallback for a file safetensors cannot read is unpickling it.
+        """
+        weights = tensors_by_component(read_weights(path), path)
+        _check_lora_metadata(read_file_metadata(path), path, self.options)
+        # Checked against the layers `apply` would inject before any are, so a damaged file costs no
+        # injection and cannot touch the pipeline; `_fill` checks again against the injected layers.
+        for component, state in weights.items():
+            expected = self._expected_shapes(getattr(pipe, component), component)
+            _match_lora_state(state, expected, component, path, self.options.rank)
         try:
-            with _diffusers_log_level(logging.ERROR if not self.train_text_encoder else None):
-                pipe.load_lora_weights(str(path), adapter_name=ADAPTER_NAME)
-        except (ValueError, RuntimeError, KeyError) as error:
+            self.apply(pipe, train_text_encoder="text_encoder" in weights)
+            self._fill(pipe, weights, path)
+        except BaseException as error:
             pipe.unload_lora_weights()
+            if isinstance(error, AdapterError) or not isinstance(error, ValueError | RuntimeError | KeyError):
+                raise
             raise AdapterError(f"{str(path)!r} does not fit this pipeline's LoRA layers ({error}).") from None
+        self.finish(pipe)
+
+    def _fill(self, pipe: StableDiffusionPipeline, weights: dict[str, dict[str, torch.Tensor]], path: Path) -> None:
+        from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+        for component, state in weights.items():
+            module = getattr(pipe, component)
+            expected = get_peft_model_state_dict(module, adapter_name=ADAPTER_NAME)
+            shapes = {key: tuple(tensor.shape) for key, tensor in expected.items()}
+            matched = _match_lora_state(state, shapes, component, path, self.options.rank)
+            result = set_peft_model_state_dict(module, matched, adapter_name=ADAPTER_NAME)
+            unexpected = [key for key in getattr(result, "unexpected_keys", []) if "lora_" in key]
+            if unexpected:
+                raise AdapterError(f"{str(path)!r}: peft did not place {component} weights {unexpected[:3]}.")
+
+    def _expected_shapes(self, module: torch.nn.Module, component: str) -> dict[str, tuple[int, ...] | None]:
+        """The LoRA weights `apply` would give `module`, by peft's key names; shapes for Linear layers."""
+        import torch
+        from peft.tuners.tuners_utils import check_target_module_exists
+
+        config, rank = self._lora_config(self._targets(component)), self.options.rank
+        shapes: dict[str, tuple[int, ...] | None] = {}
+        for name, layer in module.named_modules():
+            if name and check_target_module_exists(config, name):
+                linear = isinstance(layer, torch.nn.Linear)  # other layer kinds: shapes checked after injection
+                shapes[f"{name}.lora_A.weight"] = (rank, layer.in_features) if linear else None
+                shapes[f"{name}.lora_B.weight"] = (layer.out_features, rank) if linear else None
+        return shapes
 
     def _targets(self, component: str) -> list[str]:
         return self.options.target_modules if component == "unet" else self.options.text_encoder_target_modules
-
-
-@contextmanager
-def _diffusers_log_level(level: int | None) -> Iterator[None]:
-    # A UNet-only file makes diffusers log "No LoRA keys associated to CLIPTextModel" at warning
-    # level; that is expected for our files, so it is hidden for their load only.
-    import diffusers.utils.logging as diffusers_logging
-
-    previous = diffusers_logging.get_verbosity()
-    if level is not None:
-        diffusers_logging.set_verbosity(level)
-    try:
-        yield
-    finally:
-        diffusers_logging.set_verbosity(previous)
 
 
 def _with_text_model_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -184,13 +206,53 @@ def _with_text_model_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.T
     return {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}
 
 
-def _check_lora_metadata(header: dict[str, str], path: Path) -> None:
+def _check_lora_metadata(header: dict[str, str], path: Path, options: LoraOptions) -> None:
+    # diffusers' own record of rank and alpha (for plain diffusers users) must agree with ours.
     text = header.get("lora_adapter_metadata")
     if text is None:
         return
     try:
         parsed = json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         raise AdapterError(f"{str(path)!r}: lora_adapter_metadata is not JSON.") from None
     if not isinstance(parsed, dict):
         raise AdapterError(f"{str(path)!r}: lora_adapter_metadata is not a JSON object.")
+    ours = {"r": options.rank, "lora_alpha": options.alpha}
+    for key, value in parsed.items():
+        field = key.partition(".")[2]
+        if field in ours and (isinstance(value, bool) or value != ours[field]):
+            raise AdapterError(
+                f"{str(path)!r}: lora_adapter_metadata has {key}={value!r} but the db-adapters metadata says "
+                f"{field}={ours[field]!r}; the file is damaged or was edited."
+            )
+
+
+def _match_lora_state(
+    state: dict[str, torch.Tensor],
+    expected: dict[str, tuple[int, ...] | None],
+    component: str,
+    path: Path,
+    rank: int,
+) -> dict[str, torch.Tensor]:
+    """The file's `state` under the expected key names, after checking keys and shapes (None: any) match."""
+    # Saved text-encoder keys carry `text_model.` (see `_with_text_model_prefix`); the model's may not.
+    names = {_short_key(key): key for key in expected}
+    short_state = {_short_key(key): tensor for key, tensor in state.items()}
+    if len(short_state) != len(state):
+        raise AdapterError(f"{str(path)!r}: {component} LoRA keys repeat with and without 'text_model.'.")
+    missing, extra = sorted(set(names) - set(short_state)), sorted(set(short_state) - set(names))
+    if missing or extra:
+        parts = [f"missing {missing[:2]} ({len(missing)} in all)"] if missing else []
+        parts += [f"unexpected {extra[:2]} ({len(extra)} in all)"] if extra else []
+        raise AdapterError(f"{str(path)!r}: {component} LoRA weights do not match this pipeline: {'; '.join(parts)}.")
+    for short, key in names.items():
+        got, want = tuple(short_state[short].shape), expected[key]
+        if want is not None and got != want:
+            raise AdapterError(
+                f"{str(path)!r}: {component}.{short} has shape {got}; this pipeline with rank {rank} expects {want}."
+            )
+    return {key: short_state[short] for short, key in names.items()}
+
+
+def _short_key(key: str) -> str:
+    return key.removeprefix("text_model.")

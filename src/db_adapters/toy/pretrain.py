@@ -33,7 +33,7 @@ from ..checkpoint import (
 from ..export import save_tensors
 from ..pipelines import RECOMMENDATIONS_FILE
 from . import base
-from .world import ATTRIBUTES, random_caption, render, sample_attributes
+from .world import ATTRIBUTES, random_caption, sample_attributes
 
 
 @dataclass
@@ -58,6 +58,10 @@ class PretrainConfig:
     keep_checkpoints: int = 2
     threads: int = 2
     max_minutes: float | None = None  # stop (after a checkpoint) when this much time has passed
+    # Where the latents and denoiser stages compute. Random draws (data order, noise, timesteps,
+    # captions) stay on the CPU generators, so a run continued on a GPU sees the same draws.
+    device: str = "cpu"
+    render_workers: int = 1  # processes that render the dataset (renders are per-seed deterministic)
 
 
 class OutOfTime(Exception):
@@ -106,13 +110,13 @@ def stage_dataset(config: PretrainConfig, work: Path, deadline: float | None) ->
     path = work / "dataset.safetensors"
     if path.exists():
         return None
-    images = np.zeros((config.num_images, base.RESOLUTION, base.RESOLUTION, 3), dtype=np.uint8)
-    codes = np.zeros((config.num_images, len(ATTRIBUTES)), dtype=np.int64)
-    for i in range(config.num_images):
-        seed = config.seed * 10_000_000 + i
-        attributes = sample_attributes(seed)
-        images[i] = np.asarray(render(seed=seed, size=base.RESOLUTION, **attributes))
-        codes[i] = attribute_codes(attributes)
+    from .probe import render_examples
+
+    seeds = [config.seed * 10_000_000 + i for i in range(config.num_images)]
+    jobs = [(seed, sample_attributes(seed)) for seed in seeds]
+    images, codes = render_examples(jobs, workers=config.render_workers)
+    assert images.shape[1] == base.RESOLUTION and codes.shape[1] == len(ATTRIBUTES)
+    images, codes = np.ascontiguousarray(images), np.ascontiguousarray(codes)
     save_tensors(path, {"images": torch.from_numpy(images), "attributes": torch.from_numpy(codes)}, {})
     return 0.0
 
@@ -142,6 +146,7 @@ class Loop:
         self.log = work / f"{name}_loss.csv"
         self.elapsed = 0.0
         self.step = 0
+        self._first_step = 0
         self._started = time.monotonic()
 
     def resume(self) -> tuple[dict, dict] | None:
@@ -150,6 +155,7 @@ class Loop:
             return None
         tensors, info = load_checkpoint(stem)
         self.step, self.elapsed = info["step"], info["elapsed_s"]
+        self._first_step = self.step
         return tensors, info
 
     def total_elapsed(self) -> float:
@@ -167,6 +173,21 @@ class Loop:
         info = {**info, "step": self.step, "elapsed_s": self.total_elapsed()}
         save_checkpoint(self.folder / f"{self.name}-{self.step:07d}", tensors, info)
         prune_checkpoints(self.folder, self.name, self.config.keep_checkpoints)
+
+    def record_sitting(self, device: str) -> None:
+        """Note in recipe.json which steps this sitting ran, where, and how long it took."""
+        path = self.work / "recipe.json"
+        recipe = json.loads(path.read_text()) if path.exists() else {"stages": {}}
+        recipe.setdefault("sittings", []).append(
+            {
+                "stage": self.name,
+                "device": device,
+                "from_step": self._first_step,
+                "to_step": self.step,
+                "wall_s": round(time.monotonic() - self._started, 1),
+            }
+        )
+        path.write_text(json.dumps(recipe, indent=1, sort_keys=True))
 
     def out_of_time(self) -> bool:
         return self.deadline is not None and time.monotonic() > self.deadline
@@ -256,13 +277,13 @@ def stage_latents(config: PretrainConfig, work: Path, deadline: float | None) ->
     if path.exists():
         return None
     images, _ = load_dataset(work)
-    vae = AutoencoderKL.from_pretrained(work / "vae").eval()
+    vae = AutoencoderKL.from_pretrained(work / "vae").eval().to(config.device)
     means, stds = [], []
     with torch.no_grad():
         for start in range(0, images.shape[0], 256):
-            dist = vae.encode(to_pixels(images[start : start + 256])).latent_dist
-            means.append(dist.mean)
-            stds.append(dist.std)
+            dist = vae.encode(to_pixels(images[start : start + 256]).to(config.device)).latent_dist
+            means.append(dist.mean.cpu())
+            stds.append(dist.std.cpu())
     save_tensors(path, {"mean": torch.cat(means), "std": torch.cat(stds)}, {})
     return 0.0
 
@@ -285,6 +306,7 @@ def stage_denoiser(config: PretrainConfig, work: Path, deadline: float | None) -
     tokenizer = _tokenizer(work / "tokenizer")
     torch.manual_seed(config.seed + 1)
     unet, text_encoder = base.build_unet(), base.build_text_encoder(tokenizer)
+    unet.to(config.device), text_encoder.to(config.device)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=1e-2)
     ema = EMAModel(params, decay=config.ema_decay)
@@ -299,6 +321,7 @@ def stage_denoiser(config: PretrainConfig, work: Path, deadline: float | None) -
         text_encoder.load_state_dict({k[13:]: v for k, v in tensors.items() if k.startswith("text_encoder.")})
         restore_optimizer(optimizer, tensors, info["optimizer"])
         ema.load_state_dict({**info["ema"], "shadow_params": _ema_list(tensors)})
+        ema.to(config.device)
         generator.set_state(tensors["rng.torch"])
         captions.setstate(_as_random_state(info["caption_rng"]))
     unet.train()
@@ -327,9 +350,11 @@ def stage_denoiser(config: PretrainConfig, work: Path, deadline: float | None) -
             info = {"optimizer": plain, "ema": ema_state, "caption_rng": captions.getstate()}
             loop.checkpoint({**state, **tensors, **shadow, **_rng_tensors(generator)}, info)
             if loop.out_of_time() and loop.step < config.steps:
+                loop.record_sitting(config.device)
                 raise OutOfTime(f"denoiser stopped at step {loop.step}; rerun to continue")
+    loop.record_sitting(config.device)
     ema.copy_to(params)
-    pipeline_parts(work, unet, text_encoder)
+    pipeline_parts(work, unet.cpu(), text_encoder.cpu())
     (work / "denoiser_done.json").write_text(json.dumps({"steps": loop.step, "elapsed_s": loop.total_elapsed()}))
     return loop.total_elapsed()
 
@@ -355,9 +380,10 @@ def _as_random_state(state: list) -> tuple:
 def _denoiser_step(unet, text_encoder, tokenizer, noise_scheduler, latents, codes, scale, config, generator, captions):
     import torch
 
+    device = config.device
     index = torch.randint(0, codes.shape[0], (config.batch_size,), generator=generator)
     mean, std = latents["mean"][index], latents["std"][index]
-    x0 = (mean + std * torch.randn(mean.shape, generator=generator)) * scale
+    x0 = ((mean + std * torch.randn(mean.shape, generator=generator)) * scale).to(device)
     texts = [
         ""
         if captions.random() < config.caption_dropout
@@ -365,9 +391,10 @@ def _denoiser_step(unet, text_encoder, tokenizer, noise_scheduler, latents, code
         for i in index
     ]
     ids = tokenizer(texts, padding="max_length", max_length=base.MAX_TOKENS, truncation=True, return_tensors="pt")
-    embeds = text_encoder(ids.input_ids)[0]
-    noise = torch.randn(x0.shape, generator=generator)
+    embeds = text_encoder(ids.input_ids.to(device))[0]
+    noise = torch.randn(x0.shape, generator=generator).to(device)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (x0.shape[0],), generator=generator)
+    timesteps = timesteps.to(device)
     prediction = unet(noise_scheduler.add_noise(x0, noise, timesteps), timesteps, embeds).sample
     return torch.nn.functional.mse_loss(prediction, noise)
 

@@ -40,6 +40,7 @@ def generate(pipe: StableDiffusionPipeline, prompts: list[str], seed: int, steps
     images = []
     for start in range(0, len(prompts), batch):
         chunk = prompts[start : start + batch]
+        # CPU generators: the same seeds draw the same starting noise on any device.
         generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
         with torch.no_grad():
             images += pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=generators).images
@@ -75,7 +76,7 @@ def base_model_quality(
     """
     from .probe import load_probe
 
-    probe = load_probe()
+    probe = load_probe().to(pipe.device)
     asked = prompt_attributes(samples, seed)
     prompts = [caption(**attributes) for attributes in asked]
     read = probe.predict(generate(pipe, prompts, seed, steps, guidance_scale, batch_size))
@@ -114,9 +115,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance-scale", type=float, default=4.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     report = base_model_quality(
-        load_base_pipeline(args.model),
+        load_base_pipeline(args.model).to(args.device),
         samples=args.samples,
         class_samples=args.class_samples,
         seed=args.seed,

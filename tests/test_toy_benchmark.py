@@ -1,0 +1,110 @@
+"""The toy DreamBench: its scores on hand-made readings, and one real run end to end on a small toy model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from db_adapters.errors import InputError
+from db_adapters.toy import SUBJECTS, render
+from db_adapters.toy.benchmark import (
+    CONFIGS,
+    PROTOCOL,
+    Protocol,
+    RunPlan,
+    Samples,
+    attribute_entropy,
+    cached_result,
+    entropy_bits,
+    identity_rate,
+    markdown_table,
+    mean_cosine,
+    mean_pairwise_distance,
+    novel_scenes,
+    run_one,
+    save_result,
+    scene_rate,
+    score,
+    summarize,
+    wrong_noun,
+)
+
+STAR_BOX = SUBJECTS["star_box"]
+
+
+def test_identity_rate_needs_every_identity_attribute():
+    exact = dict(STAR_BOX.attributes, scene="snow")
+    reads = [exact, dict(exact, mark="ring"), dict(exact, color="blue"), dict(exact, scene="grass")]
+    assert identity_rate(reads, STAR_BOX) == 0.5  # the scene is not part of the identity
+
+
+def test_scene_rate_and_entropy():
+    reads = [{"scene": "snow"}, {"scene": "grass"}, {"scene": "snow"}, {"scene": "beach"}]
+    assert scene_rate(reads, ["snow"]) == 0.5
+    assert entropy_bits(["a"] * 4) == 0.0
+    assert entropy_bits(["a", "b", "c", "d"]) == pytest.approx(2.0)
+    same = [dict(STAR_BOX.attributes)] * 3
+    assert attribute_entropy(same) == 0.0
+
+
+def test_cosine_forms_on_known_vectors():
+    basis = torch.eye(4)
+    assert mean_cosine(basis[:1], basis[:1]) == pytest.approx(1.0)
+    assert mean_cosine(basis[:2], basis[2:]) == pytest.approx(0.0)
+    assert mean_pairwise_distance(basis) == pytest.approx(1.0)
+    assert mean_pairwise_distance(torch.ones(3, 4) / 2) == pytest.approx(0.0)
+    with pytest.raises(InputError):
+        mean_pairwise_distance(basis[:1])
+
+
+def test_score_of_the_subjects_own_renders_is_perfect_identity():
+    from db_adapters.toy import load_probe
+
+    probe = load_probe()
+    refs = STAR_BOX.reference_images(4)
+    scenes = novel_scenes(STAR_BOX, 2)
+    contexts = {s: [render(9 + i, **STAR_BOX.attributes, scene=s) for i in range(3)] for s in scenes}
+    other = [render(40 + i, cls="box", color="blue", pattern="dotted", scene="beach") for i in range(4)]
+    result = score(probe, STAR_BOX, refs, Samples(identity=refs, contexts=contexts, class_images=other))
+    assert result["identity"] == 1.0
+    assert result["fidelity"] == 1.0 and result["overfit"] == 0.0
+    assert result["context_identity"] == 1.0
+    assert result["pres"] == 0.0  # blue dotted boxes are not the red starred box
+    assert result["class_accuracy"] == 1.0
+    assert result["probe_dino"] > result["pres_cosine"]
+
+
+def test_plans_cover_the_issue_ablations_and_reject_unknown_names():
+    assert {"lora", "lora-noppl", "noun-wrong", "noun-none", "full", "id-common", "id-sks"} <= set(CONFIGS)
+    assert {p.steps for p in (RunPlan.from_config(s, "star_box") for s in CONFIGS)} >= {100, 1000}
+    assert RunPlan.from_config("lora-r16", "star_box").strategy_options == {"rank": 16}
+    assert wrong_noun("box") != "box"
+    with pytest.raises(InputError, match="unknown setting"):
+        RunPlan.from_config("nope", "star_box")
+    with pytest.raises(InputError, match="unknown subject"):
+        RunPlan.from_config("lora", "nope")
+
+
+def test_protocol_digest_changes_with_the_protocol():
+    assert Protocol().digest() == PROTOCOL.digest()
+    assert Protocol(identity_samples=3).digest() != PROTOCOL.digest()
+
+
+def test_one_run_end_to_end_is_cached_and_tabled(small_toy_dir, tmp_path):
+    from db_adapters.toy import load_base_pipeline, load_probe
+
+    protocol = Protocol(identity_samples=2, context_scenes=1, context_samples=2, class_samples=2, sample_steps=2)
+    pipe = load_base_pipeline(small_toy_dir)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    result = run_one(RunPlan.from_config("lora", "star_box"), pipe, load_probe(), tmp_path / "cls", protocol)
+    assert all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items()), "pipeline not restored"
+    assert set(result["scores"]) >= {"identity", "fidelity", "pres", "div_entropy", "overfit"}
+    assert result["instance_prompt"] == f"a {result['identifier']} box"
+    save_result(tmp_path, result, protocol)
+    assert cached_result(tmp_path, "lora", "star_box", protocol)["scores"] == result["scores"]
+    assert cached_result(tmp_path, "lora", "star_box", PROTOCOL) is None  # another protocol: not reused
+    table = markdown_table(summarize([result]))
+    assert "| lora | 1 |" in table
+    json.dumps(result)  # the cache is plain JSON
