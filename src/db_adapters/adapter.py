@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .errors import AdapterError, InputError
-from .export import check_output_path, pack_metadata, read_header, unpack_metadata
+from .export import check_output_path, named_write_errors, pack_metadata, read_header, unpack_metadata
 from .pipelines import architecture_fingerprint, check_supported, model_id, weights_fingerprint
 from .strategies import Strategy, get_strategy
 
@@ -90,7 +90,10 @@ class Adapter:
         if not processes(self.pipe.device).is_main:
             return path  # several processes trained it; the main process alone writes the file
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.strategy.save(self.pipe, path, pack_metadata(self.metadata()), _as_dtype(dtype))
+        # A strategy may write scratch files with other writers (diffusers' for LoRA): a full disk there
+        # is reported as an OSError naming `path` too.
+        with named_write_errors(path):
+            self.strategy.save(self.pipe, path, pack_metadata(self.metadata()), _as_dtype(dtype))
         return path
 
 

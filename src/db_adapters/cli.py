@@ -78,7 +78,10 @@ def load_pipeline(model: str, device: str | None) -> Any:
     local = Path(model)
     if not local.exists() and (local.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1):
         # A hub id is "owner/name"; anything else that looks like a path is a folder that is not there.
-        raise InputError(f"--model {model!r} does not exist; pass a local diffusers folder or a hub id (owner/name).")
+        raise InputError(
+            f"--model {model!r} could not be loaded: no such folder; pass a local diffusers folder or a hub id "
+            "(owner/name)."
+        )
     if local.exists() and not (local / "model_index.json").is_file():
         raise InputError(f"--model {model!r} is not a diffusers pipeline folder (it has no model_index.json).")
     try:
@@ -99,8 +102,8 @@ def load_pipeline(model: str, device: str | None) -> Any:
     return pipe
 
 
-# Click shows these usage errors with the help text on purpose (e.g. `db-adapt` with no command).
-_SHOWS_HELP = tuple(getattr(click.exceptions, name) for name in ("NoArgsIsHelpError",) if hasattr(click.exceptions, name))
+# `db-adapt` alone shows the help through this usage error (click >= 8.2); it stays as click prints it.
+_SHOWS_HELP = (getattr(click.exceptions, "NoArgsIsHelpError", ()),)
 
 
 @contextmanager
@@ -131,9 +134,7 @@ class OneLineUsageGroup(click.Group):
             return super().invoke(ctx)
 
 
-@click.group(
-    cls=OneLineUsageGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
-)
+@click.group(cls=OneLineUsageGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 @click.version_option(package_name="db-adapters")
 def main(debug: bool) -> None:

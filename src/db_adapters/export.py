@@ -13,8 +13,10 @@ import glob
 import json
 import math
 import os
+import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -81,7 +83,8 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> 
     os.close(handle)
     tmp = Path(tmp_name)
     try:
-        write(tmp)
+        with named_write_errors(path):
+            write(tmp)
         # mkstemp makes owner-only files; give the result the permissions a plain open() would.
         os.chmod(tmp, 0o666 & ~_umask())
         _flush_to_disk(tmp)
@@ -91,6 +94,49 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> 
         raise
     _flush_to_disk(path.parent)
     return path
+
+
+# safetensors reports a failed write (disk full, quota, file too large) as a SafetensorError whose text
+# holds Rust's io::Error: "I/O error: No space left on device (os error 28)" (0.8), or in older versions
+# "IoError(Os { code: 28, kind: StorageFull, ... })".
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)|\bOs \{ code: (\d+)")
+# Errors a user fixes by making room; the message says so.
+_SPACE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+@contextmanager
+def named_write_errors(path: str | os.PathLike) -> Iterator[None]:
+    """Make a failed write an `OSError` that names `path`, the file the user asked for.
+
+    A full disk reaches us as an `OSError` naming a temporary file, or none, or (from safetensors'
+    Rust writer) as a `SafetensorError`; each becomes `OSError(errno, reason, path)`, so the caller
+    and `db-adapt` report "No space left on device ... : 'my_dog.safetensors'".
+
+    Args:
+        path (`str | PathLike`): the file being written.
+
+    Example:
+        >>> with named_write_errors("a.safetensors"):  # doctest: +ELLIPSIS
+        ...     raise OSError(28, "No space left on device")
+        Traceback (most recent call last):
+        ...
+        OSError: [Errno 28] No space left on device; free some space or write elsewhere: 'a.safetensors'
+    """
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, SafetensorError) as error:
+        code = error.errno if isinstance(error, OSError) else _rust_os_error_code(error)
+        if code is None:
+            raise
+        reason = f"{os.strerror(code)}; free some space or write elsewhere" if code in _SPACE_ERRORS else None
+        raise OSError(code, reason or os.strerror(code), str(path)) from error
+
+
+def _rust_os_error_code(error: Exception) -> int | None:
+    match = _RUST_OS_ERROR.search(str(error))
+    return int(match.group(1) or match.group(2)) if match else None
 
 
 def sweep_stale_temporaries(path: str | os.PathLike) -> list[Path]:
