@@ -156,15 +156,20 @@ def write_report(args: argparse.Namespace, elapsed: float) -> Path:
     summary = summarize(results)
     command = "python benchmarks/quality_toy.py " + " ".join(sys.argv[1:])
     run_seconds = sum(r["wall_s"] for r in results)
-    devices = sorted({r.get("device", "cpu") for r in results})
+    by_device: dict[str, list[str]] = {}
+    for r in results:
+        settings = by_device.setdefault(r.get("device", "cpu"), [])
+        if r["setting"] not in settings:
+            settings.append(r["setting"])
+    devices = "; ".join(f"{device}: {', '.join(settings)}" for device, settings in sorted(by_device.items()))
     lines = [
         "# Toy DreamBench results",
         "",
         f"Protocol `{PROTOCOL.digest()}`: {PROTOCOL}",
         "",
         f"Last command: `{command.strip()}` ({elapsed:.0f} s wall this invocation); "
-        f"{len(results)} runs cached, {run_seconds:.0f} s of run time in all, on {', '.join(devices)} "
-        f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores).",
+        f"{len(results)} runs cached, {run_seconds:.0f} s of run time in all. "
+        f"Runs by device ({devices}); this invocation on {platform.machine()} with {os.cpu_count()} cores.",
         "",
         "## All subjects",
         "",

@@ -38,6 +38,7 @@ __all__ = [
     "Layout",
     "Probe",
     "Subject",
+    "base_dir",
     "caption",
     "check_attributes",
     "contact_sheet",
@@ -60,8 +61,8 @@ def __getattr__(name: str) -> Any:
         from . import probe
 
         return getattr(probe, name)
-    if name == "load_base_pipeline":
-        from .base import load_base_pipeline
+    if name in ("load_base_pipeline", "base_dir"):
+        from . import base
 
-        return load_base_pipeline
+        return getattr(base, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
