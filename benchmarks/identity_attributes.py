@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from db_adapters.toy import caption, load_base_pipeline, load_probe
-from db_adapters.toy.benchmark import CONFIGS, PROTOCOL, RunPlan, _generate, _identifier
+from db_adapters.toy.benchmark import CONFIGS, PROTOCOL, RunPlan, _generate, personalize_as_planned, planned_prompt
 from db_adapters.toy.world import IDENTITY_ATTRIBUTES, SUBJECTS
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -34,31 +34,12 @@ def attribute_rates(reads: list[dict[str, str]], attributes: dict[str, str]) -> 
 
 
 def personalized_samples(pipe, plan: RunPlan, class_image_dir: Path) -> list:
-    """ "a [V] {class}" images after personalizing `pipe` as the benchmark's `plan` does."""
-    from db_adapters import personalize, unload_adapter
+    """The instance-prompt images after personalizing `pipe` as the benchmark's `plan` does."""
+    from db_adapters import unload_adapter
 
-    subject = SUBJECTS[plan.subject]
-    noun = subject.attributes["cls"]
-    identifier = _identifier(plan, pipe, noun, PROTOCOL)
-    prompt = f"a {identifier} {noun}"
-    options = dict(plan.strategy_options)
-    if plan.steps is not None:
-        options["steps"] = plan.steps
-    if plan.strategy == "full":
-        options["learning_rate"] = PROTOCOL.full_learning_rate
-    personalize(
-        pipe,
-        subject.reference_images(PROTOCOL.reference_count),
-        noun,
-        strategy=plan.strategy,
-        identifier=identifier,
-        instance_prompt=prompt,
-        prior_preservation=plan.prior_preservation,
-        class_image_dir=class_image_dir,
-        seed=PROTOCOL.train_seed,
-        progress=False,
-        **options,
-    )
+    identifier, prompt = planned_prompt(plan, pipe, PROTOCOL)
+    references = SUBJECTS[plan.subject].reference_images(PROTOCOL.reference_count)
+    personalize_as_planned(pipe, plan, references, identifier, prompt, class_image_dir, PROTOCOL)
     try:
         return _generate(pipe, prompt, PROTOCOL.identity_samples, PROTOCOL.sample_seed, PROTOCOL)
     finally:

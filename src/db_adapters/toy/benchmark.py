@@ -275,6 +275,47 @@ def generate_samples(pipe: StableDiffusionPipeline, instance_prompt: str, subjec
     )
 
 
+def planned_prompt(plan: RunPlan, pipe: StableDiffusionPipeline, protocol: Protocol = PROTOCOL) -> tuple[str, str]:
+    """The identifier and the instance prompt ("a [V] {noun}", or "a [V]" without a noun) of `plan`."""
+    subject = SUBJECTS[plan.subject]
+    noun = _class_noun(plan, subject)
+    identifier = _identifier(plan, pipe, noun or subject.attributes["cls"], protocol)
+    return identifier, f"a {identifier} {noun}" if noun else f"a {identifier}"
+
+
+def personalize_as_planned(
+    pipe: StableDiffusionPipeline,
+    plan: RunPlan,
+    references: list[Image.Image],
+    identifier: str,
+    instance_prompt: str,
+    class_image_dir: Path,
+    protocol: Protocol = PROTOCOL,
+) -> None:
+    """Personalize `pipe` on `references` with the strategy, steps, noun and prior setting of `plan`."""
+    from ..api import personalize
+
+    subject = SUBJECTS[plan.subject]
+    options: dict[str, Any] = dict(plan.strategy_options)
+    if plan.strategy == "full":
+        options["learning_rate"] = protocol.full_learning_rate
+    if plan.steps is not None:
+        options["steps"] = plan.steps
+    personalize(
+        pipe,
+        references,
+        _class_noun(plan, subject) or subject.attributes["cls"],
+        strategy=plan.strategy,
+        identifier=identifier,
+        instance_prompt=instance_prompt,
+        prior_preservation=plan.prior_preservation,
+        class_image_dir=class_image_dir,
+        seed=protocol.train_seed,
+        progress=False,
+        **options,
+    )
+
+
 def run_one(
     plan: RunPlan,
     pipe: StableDiffusionPipeline,
@@ -299,34 +340,14 @@ def run_one(
         True
     """
     from ..adapter import unload_adapter
-    from ..api import personalize
 
     subject = SUBJECTS[plan.subject]
     references = subject.reference_images(protocol.reference_count)
-    noun = _class_noun(plan, subject)
-    identifier = _identifier(plan, pipe, noun or subject.attributes["cls"], protocol)
-    instance_prompt = f"a {identifier} {noun}" if noun else f"a {identifier}"
+    identifier, instance_prompt = planned_prompt(plan, pipe, protocol)
     started = time.perf_counter()
     train_s = 0.0
     if plan.train:
-        options: dict[str, Any] = dict(plan.strategy_options)
-        if plan.strategy == "full":
-            options["learning_rate"] = protocol.full_learning_rate
-        if plan.steps is not None:
-            options["steps"] = plan.steps
-        personalize(
-            pipe,
-            references,
-            noun or subject.attributes["cls"],
-            strategy=plan.strategy,
-            identifier=identifier,
-            instance_prompt=instance_prompt,
-            prior_preservation=plan.prior_preservation,
-            class_image_dir=class_image_dir,
-            seed=protocol.train_seed,
-            progress=False,
-            **options,
-        )
+        personalize_as_planned(pipe, plan, references, identifier, instance_prompt, class_image_dir, protocol)
         train_s = time.perf_counter() - started
     try:
         samples = generate_samples(pipe, instance_prompt, subject, protocol)
