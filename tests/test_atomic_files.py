@@ -18,7 +18,8 @@ from conftest import FAST
 
 from db_adapters import personalize
 from db_adapters.checkpoint import is_complete, latest_checkpoint, load_checkpoint, save_checkpoint
-from db_adapters.export import read_tensors, save_tensors, sweep_stale_temporaries, write_atomically
+from db_adapters.files import save_tensors, sweep_stale_temporaries, write_atomically
+from db_adapters.safe_reading import read_tensors
 from db_adapters.testing import tiny_pipeline
 
 OLD = {"weight": torch.arange(1000, dtype=torch.float32)}
@@ -73,7 +74,7 @@ CHILD = """
 import os, signal, sys
 from pathlib import Path
 import safetensors.torch, torch
-from db_adapters.export import save_tensors
+from db_adapters.files import save_tensors
 
 def half_then_sigkill(tensors, filename, metadata=None):
     data = safetensors.torch.save(tensors, metadata=metadata)

@@ -196,7 +196,7 @@ def test_a_single_process_state_under_a_two_process_launch_is_refused(monkeypatc
     import accelerate.state
     from accelerate.utils import DistributedType
 
-    from db_adapters.trainer import TrainingError
+    from db_adapters.errors import TrainingError
 
     class SingleState:  # what a bare PartialState() gives on a CPU-only machine under torchrun
         num_processes, process_index, distributed_type = 1, 0, DistributedType.NO

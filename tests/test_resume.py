@@ -31,10 +31,11 @@ from db_adapters.checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from db_adapters.export import read_file_metadata, read_tensors
+from db_adapters.errors import TrainingError
 from db_adapters.loss import LossTerms
+from db_adapters.safe_reading import read_file_metadata, read_tensors
 from db_adapters.testing import tiny_pipeline
-from db_adapters.trainer import Trainer, TrainingError
+from db_adapters.trainer import Trainer
 
 SCRIPT = Path(__file__).parent / "scripts" / "resume_run.py"
 # The kill/resume run: every piece of state that can drift is in play (LoRA dropout draws from the

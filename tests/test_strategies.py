@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from db_adapters import InputError, available_strategies, get_strategy, load_adapter, personalize, register_strategy
-from db_adapters.export import read_tensors, save_tensors
+from db_adapters.files import save_tensors
+from db_adapters.safe_reading import read_tensors
 from db_adapters.strategies import Strategy
 from db_adapters.testing import tiny_pipeline
 

@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
+from .adapter_file import check_output_path, pack_metadata, unpack_metadata
 from .errors import AdapterError, InputError
-from .export import check_output_path, named_write_errors, pack_metadata, read_header, unpack_metadata
+from .files import named_write_errors
 from .pipelines import architecture_fingerprint, check_supported, model_id, weights_fingerprint
+from .safe_reading import read_header
 from .strategies import Strategy, get_strategy
 
 if TYPE_CHECKING:

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import InputError
-from .export import read_file_metadata, read_tensors, save_tensors, write_atomically
+from .files import save_tensors, write_atomically
+from .safe_reading import read_file_metadata, read_tensors
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

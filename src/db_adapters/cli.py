@@ -211,11 +211,11 @@ def train(
     model: str, images: str, class_noun: str, output: str, device: str | None, save_dtype: str, **kw: Any
 ) -> None:
     """Personalize a pipeline on a folder of subject photos and save the adapter."""
+    from .adapter_file import check_output_path
     from .api import personalize
     from .binder import validate_class_noun
     from .data import load_images
     from .distributed import processes
-    from .export import check_output_path
 
     output_path = check_output_path(output)
     # Cheap checks first: a typo in --images should not wait for a multi-GB model to load.
@@ -328,7 +328,8 @@ def demo(subject: str, out: str, model: str | None, steps: int | None, device: s
 @friendly_errors
 def inspect(adapter_path: str) -> None:
     """Print an adapter file's metadata and size."""
-    from .export import read_file_metadata, read_tensors, unpack_metadata
+    from .adapter_file import unpack_metadata
+    from .safe_reading import read_file_metadata, read_tensors
 
     info = unpack_metadata(read_file_metadata(adapter_path), adapter_path)
     tensors = read_tensors(adapter_path)

@@ -140,7 +140,7 @@ def processes(device: torch.device | str | None = None) -> Processes:
     on_cpu = torch.device(device).type == "cpu" if device is not None else not torch.cuda.is_available()
     state = PartialState(cpu=on_cpu)
     if state.num_processes != expected:
-        from .trainer import TrainingError
+        from .errors import TrainingError
 
         raise TrainingError(
             f"{expected} processes were launched but accelerate set this one up as {state.num_processes} of "

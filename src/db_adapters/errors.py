@@ -11,3 +11,7 @@ class InputError(DbAdaptersError, ValueError):
 
 class AdapterError(DbAdaptersError, ValueError):
     """An adapter file or adapter state cannot be saved, loaded or applied."""
+
+
+class TrainingError(DbAdaptersError, RuntimeError):
+    """Training cannot go on (a non-finite loss, say); the message says what to try."""

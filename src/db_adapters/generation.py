@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import InputError
-from .export import write_atomically
+from .files import write_atomically
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from .distributed import Processes, processes
 from .errors import InputError
-from .export import write_atomically
+from .files import write_atomically
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

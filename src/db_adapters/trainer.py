@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from .checkpoint import optimizer_state, restore_optimizer, restore_rng, rng_state
 from .distributed import rank_seed
-from .errors import DbAdaptersError
+from .errors import TrainingError
 from .loss import LossHalf, PriorPreservationLoss, training_target
 
 if TYPE_CHECKING:
@@ -39,10 +39,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("db_adapters")
 
 StepCallback = Callable[[int, dict[str, float]], None]
-
-
-class TrainingError(DbAdaptersError, RuntimeError):
-    """Training cannot go on (a non-finite loss, say); the message says what to try."""
 
 
 @dataclass

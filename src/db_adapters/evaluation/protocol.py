@@ -100,7 +100,7 @@ class Report:
         Example:
             >>> report.save("eval/report.json", "eval/sheet.png")  # doctest: +SKIP
         """
-        from ..export import write_atomically
+        from ..files import write_atomically
 
         text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
         json_path = write_atomically(path_json, lambda tmp: tmp.write_text(text, encoding="utf-8"))

@@ -6,8 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..adapter_file import tensors_by_component
 from ..errors import AdapterError
-from ..export import read_weights, save_tensors, tensors_by_component
+from ..files import save_tensors
+from ..safe_reading import read_weights
 from . import register_strategy
 from .base import Strategy
 

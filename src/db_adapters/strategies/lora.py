@@ -13,8 +13,10 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..adapter_file import tensors_by_component
 from ..errors import AdapterError, InputError
-from ..export import read_file_metadata, read_tensors, read_weights, save_tensors, tensors_by_component
+from ..files import save_tensors
+from ..safe_reading import read_file_metadata, read_tensors, read_weights
 from . import register_strategy
 from .base import Strategy
 

@@ -385,7 +385,7 @@ def cached_result(results_dir: Path, setting: str, subject: str, protocol: Proto
 
 
 def save_result(results_dir: Path, result: dict[str, Any], protocol: Protocol = PROTOCOL) -> Path:
-    from ..export import write_atomically
+    from ..files import write_atomically
 
     text = json.dumps({**result, "protocol": protocol.digest()}, indent=1, sort_keys=True)
     return write_atomically(

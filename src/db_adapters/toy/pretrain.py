@@ -30,7 +30,7 @@ from ..checkpoint import (
     restore_optimizer,
     save_checkpoint,
 )
-from ..export import save_tensors
+from ..files import save_tensors
 from ..pipelines import RECOMMENDATIONS_FILE
 from . import base
 from .world import ATTRIBUTES, random_caption, sample_attributes
@@ -122,7 +122,7 @@ def stage_dataset(config: PretrainConfig, work: Path, deadline: float | None) ->
 
 
 def load_dataset(work: Path) -> tuple[Any, Any]:
-    from ..export import read_tensors
+    from ..safe_reading import read_tensors
 
     tensors = read_tensors(work / "dataset.safetensors")
     return tensors["images"], tensors["attributes"]
@@ -296,7 +296,7 @@ def stage_denoiser(config: PretrainConfig, work: Path, deadline: float | None) -
     from diffusers import AutoencoderKL, DDPMScheduler
     from diffusers.training_utils import EMAModel
 
-    from ..export import read_tensors
+    from ..safe_reading import read_tensors
 
     if (work / "denoiser_done.json").exists():
         return None

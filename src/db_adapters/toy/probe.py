@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from ..export import save_tensors
+from ..files import save_tensors
 from .world import ATTRIBUTES, render, sample_attributes
 
 IMAGE_SIZE = 32
