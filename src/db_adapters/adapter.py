@@ -15,14 +15,15 @@ from typing import TYPE_CHECKING, Any
 from . import __version__
 from .adapter_file import check_output_path, pack_metadata, unpack_metadata
 from .errors import AdapterError, InputError
+from .families import family_of
 from .files import named_write_errors
-from .pipelines import architecture_fingerprint, check_supported, model_id, weights_fingerprint
+from .pipelines import architecture_fingerprint, weights_fingerprint
 from .safe_reading import read_header
 from .strategies import Strategy, get_strategy
 
 if TYPE_CHECKING:
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
 _ATTRIBUTE = "_db_adapter"
 
@@ -117,28 +118,29 @@ def refuse_if_adapted(pipe: Any) -> None:
             f"this pipeline already carries the adapter for {current.instance_prompt!r}; "
             "call db_adapters.unload_adapter(pipe) first (one adapter per pipeline)."
         )
-    for component in ("unet", "text_encoder"):
+    for component in family_of(pipe).components():
         module = getattr(pipe, component, None)
-        if module is not None and getattr(module, "peft_config", None):
+        if module is not None and _has_lora_layers(module):
             raise AdapterError(
-                f"the pipeline's {component} already has LoRA adapters {sorted(module.peft_config)}; "
-                "unload them with pipe.unload_lora_weights() or fuse them with pipe.fuse_lora() first."
+                f"the pipeline's {component} already carries LoRA layers ({', '.join(sorted(module.peft_config))}); "
+                "take them out with pipe.unload_lora_weights(), or make them part of the base weights with "
+                "pipe.fuse_lora() then pipe.unload_lora_weights(), and try again."
             )
 
 
-def base_model_info(pipe: StableDiffusionPipeline) -> dict[str, str]:
-    return {
-        "model_id": model_id(pipe),
-        "architecture": architecture_fingerprint(pipe),
-        "weights": weights_fingerprint(pipe),
-    }
+def _has_lora_layers(module: Any) -> bool:
+    # After fuse_lora() + unload_lora_weights() diffusers may leave an empty or stale `peft_config`
+    # behind, with no layer left: only injected layers make a pipeline carry someone else's adapter.
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return bool(getattr(module, "peft_config", None)) and any(isinstance(m, BaseTunerLayer) for m in module.modules())
 
 
-def load_adapter(pipe: StableDiffusionPipeline, path: str | os.PathLike) -> Adapter:
+def load_adapter(pipe: DiffusionPipeline, path: str | os.PathLike) -> Adapter:
     """Put a saved adapter into a pipeline; the pipeline then generates the subject.
 
     Args:
-        pipe (`StableDiffusionPipeline`): a pipeline of the architecture the adapter was trained on.
+        pipe (`DiffusionPipeline`): a pipeline of the model the adapter was trained on.
         path (`str | PathLike`): the adapter's `.safetensors` file.
 
     Returns:
@@ -148,15 +150,15 @@ def load_adapter(pipe: StableDiffusionPipeline, path: str | os.PathLike) -> Adap
         >>> adapter = load_adapter(pipe, "my_dog.safetensors")  # doctest: +SKIP
         >>> image = pipe(f"a {adapter.identifier} dog on the beach").images[0]  # doctest: +SKIP
     """
-    check_supported(pipe)
+    family = family_of(pipe)
     # Everything that can be checked from the header is, before the pipeline is touched: a pickle is
     # refused by name, a damaged file or metadata of the wrong types is an AdapterError naming the file.
     info = unpack_metadata(read_header(path).metadata, path)
     refuse_if_adapted(pipe)
-    _check_base_model(pipe, info, path)
+    _check_base_model(pipe, family, info, path)
     strategy = _strategy_of(info, path)
     # A strategy's `load` checks the weights against the pipeline and, if it raises, leaves it as it was.
-    strategy.load(pipe, Path(path))
+    strategy.load(pipe, family, Path(path))
     trained_text_encoder = info.get("train_text_encoder")
     if trained_text_encoder is not None and strategy.train_text_encoder != trained_text_encoder:
         strategy.remove(pipe)
@@ -186,11 +188,11 @@ def _strategy_of(info: dict[str, Any], path: str | os.PathLike) -> Strategy:
         raise AdapterError(f"{str(path)!r}: metadata names a strategy it cannot build ({error}).") from None
 
 
-def unload_adapter(pipe: StableDiffusionPipeline) -> None:
+def unload_adapter(pipe: DiffusionPipeline) -> None:
     """Take the db-adapters adapter out of a pipeline: it is the base model again.
 
     Args:
-        pipe (`StableDiffusionPipeline`): a pipeline returned to by `personalize` or `load_adapter`.
+        pipe (`DiffusionPipeline`): a pipeline returned to by `personalize` or `load_adapter`.
 
     Example:
         >>> unload_adapter(pipe)  # doctest: +SKIP
@@ -203,10 +205,15 @@ def unload_adapter(pipe: StableDiffusionPipeline) -> None:
     adapter.pipe = None
 
 
-def _check_base_model(pipe: StableDiffusionPipeline, info: dict[str, Any], path: str | os.PathLike) -> None:
+def _check_base_model(pipe: DiffusionPipeline, family: Any, info: dict[str, Any], path: str | os.PathLike) -> None:
     base = info.get("base_model") or {}
     if not isinstance(base, dict):
         raise AdapterError(f"{str(path)!r}: metadata field 'base_model' is not a JSON object.")
+    if base.get("family", family.name) != family.name:
+        raise AdapterError(
+            f"{str(path)!r} was trained on a {base['family']!r} model ({base.get('model_id') or 'unknown'}); this "
+            f"pipeline is {family.title}. Load it into a pipeline of the model it was trained on."
+        )
     if base.get("architecture") and base["architecture"] != architecture_fingerprint(pipe):
         raise AdapterError(
             f"{str(path)!r} was trained on another architecture ({base.get('model_id') or 'unknown model'}); "

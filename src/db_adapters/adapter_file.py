@@ -15,6 +15,8 @@ from .safe_reading import short_error
 if TYPE_CHECKING:
     import torch
 
+    from .families import Family
+
 METADATA_KEY = "db_adapters"
 FORMAT_VERSION = 1
 
@@ -43,28 +45,34 @@ def check_output_path(path: str | os.PathLike) -> Path:
 
 
 def tensors_by_component(
-    tensors: dict[str, torch.Tensor], path: str | os.PathLike, components: tuple[str, ...] = ("unet", "text_encoder")
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, family: type[Family]
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """Split `component.name` keys (diffusers' layout) per component; `AdapterError` for unknown ones or no UNet.
+    """Split `component.name` keys (diffusers' layout) per component; `AdapterError` for unknown ones or none
+    for the denoiser.
 
     Args:
         tensors (`dict[str, Tensor]`): an adapter file's tensors.
         path (`str | PathLike`): the file, for messages.
-        components (`tuple[str, ...]`): the components an adapter may change.
+        family (`type[Family]`): the pipeline's family: its denoiser and text encoders are the components.
 
     Example:
         >>> import torch
-        >>> sorted(tensors_by_component({"unet.a": torch.zeros(1)}, "x.safetensors"))
+        >>> from db_adapters.families import get_family
+        >>> sorted(tensors_by_component({"unet.a": torch.zeros(1)}, "x.safetensors", get_family("sd")))
         ['unet']
     """
+    components = family.components()
     split: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         component, _, name = key.partition(".")
         if component not in components or not name:
             raise AdapterError(f"{str(path)!r}: unexpected tensor {key!r}; adapter keys start with {components}.")
         split.setdefault(component, {})[name] = tensor
-    if "unet" not in split:
-        raise AdapterError(f"{str(path)!r} holds no UNet weights (no 'unet.' keys); it is not a db-adapters adapter.")
+    if family.denoiser not in split:
+        raise AdapterError(
+            f"{str(path)!r} holds no {family.denoiser} weights (no '{family.denoiser}.' keys); "
+            "it is not a db-adapters adapter for this pipeline."
+        )
     return split
 
 

@@ -37,7 +37,11 @@ from typing import TYPE_CHECKING
 from .errors import InputError
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from transformers import PreTrainedTokenizerBase
+
+    Tokenizers = PreTrainedTokenizerBase | Sequence[PreTrainedTokenizerBase]
 
 __all__ = [
     "CLIP_RARE_ID_RANGE",
@@ -217,6 +221,17 @@ def _ids(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
+def _token_problem(tokenizer: PreTrainedTokenizerBase, identifier: str, class_noun: str) -> str | None:
+    """Why `identifier` is not one token of its own in "a {identifier} {class_noun}", or None."""
+    (ids,) = _identifier_ids(tokenizer, [identifier], class_noun)
+    if ids is None:
+        return "does not stay a separate word in the prompt{where} (it merges with the words around it)"
+    if len(ids) != 1:
+        pieces = ", ".join(repr(piece) for piece in tokenizer.convert_ids_to_tokens(ids))
+        return f"is split{{where}} into {len(ids)} tokens ({pieces}), each with its own meaning, not one rare token"
+    return None
+
+
 def _identifier_ids(
     tokenizer: PreTrainedTokenizerBase, identifiers: list[str], class_noun: str
 ) -> list[list[int] | None]:
@@ -238,17 +253,18 @@ def _identifier_ids(
     return result
 
 
-def identifier_candidates(tokenizer: PreTrainedTokenizerBase, class_noun: str) -> list[str]:
-    """Every identifier the paper's recipe allows for this tokenizer and class noun, sorted.
+def identifier_candidates(tokenizer: Tokenizers, class_noun: str) -> list[str]:
+    """Every identifier the paper's recipe allows for these tokenizer(s) and class noun, sorted.
 
     A candidate is the text of a token `t` in `rare_id_range(tokenizer)` (special tokens excluded)
     such that the text is 1-3 letters a-z, "a {text} {class_noun}" tokenizes to "a", then exactly
     `t`, then the class noun (so `t` is a whole, word-final token: it stands alone as a word), the
-    text is not in the English word list, and it is not in `KNOWN_STRONG_PRIORS`.
+    text is not in the English word list, and it is not in `KNOWN_STRONG_PRIORS`. With several
+    tokenizers (SDXL has two), a candidate must be one by these rules in every one of them.
 
     Args:
-        tokenizer (`PreTrainedTokenizerBase`): the text encoder's tokenizer (a CLIP-style BPE for
-            Stable Diffusion).
+        tokenizer (`PreTrainedTokenizerBase | Sequence[PreTrainedTokenizerBase]`): the text encoder's
+            tokenizer, or every text encoder's tokenizer (a CLIP-style BPE for Stable Diffusion).
         class_noun (`str`): the subject's class, e.g. "dog".
 
     Returns:
@@ -265,6 +281,14 @@ def identifier_candidates(tokenizer: PreTrainedTokenizerBase, class_noun: str) -
         (108, ['acs', 'ae', 'ahs'])
     """
     class_noun = validate_class_noun(class_noun)
+    common: set[str] | None = None
+    for one in _as_list(tokenizer):
+        found = set(_candidates_of(one, class_noun))
+        common = found if common is None else common & found
+    return sorted(common or ())
+
+
+def _candidates_of(tokenizer: PreTrainedTokenizerBase, class_noun: str) -> list[str]:
     special = set(tokenizer.all_special_ids)
     words = _english_word_set()
     # A text can belong to several rare ids (CLIP has both "xyz" inside a word and "xyz</w>" at its
@@ -287,13 +311,18 @@ def identifier_candidates(tokenizer: PreTrainedTokenizerBase, class_noun: str) -
     ]
 
 
-def choose_identifier(tokenizer: PreTrainedTokenizerBase, class_noun: str, seed: int = 0) -> str:
+def _as_list(tokenizer: Tokenizers) -> list[PreTrainedTokenizerBase]:
+    return list(tokenizer) if isinstance(tokenizer, list | tuple) else [tokenizer]
+
+
+def choose_identifier(tokenizer: Tokenizers, class_noun: str, seed: int = 0) -> str:
     """Sample a rare-token identifier `[V]` for "a [V] [class noun]", reproducibly.
 
     Args:
-        tokenizer (`PreTrainedTokenizerBase`): the text encoder's tokenizer.
+        tokenizer (`PreTrainedTokenizerBase | Sequence[PreTrainedTokenizerBase]`): the text encoder's
+            tokenizer, or all of them (the identifier is then one rare token in each).
         class_noun (`str`): the subject's class, e.g. "dog".
-        seed (`int`): the same seed, tokenizer and class noun always give the same identifier.
+        seed (`int`): the same seed, tokenizers and class noun always give the same identifier.
 
     Returns:
         `str`: one of `identifier_candidates(tokenizer, class_noun)`.
@@ -309,20 +338,21 @@ def choose_identifier(tokenizer: PreTrainedTokenizerBase, class_noun: str, seed:
     """
     candidates = identifier_candidates(tokenizer, class_noun)
     if not candidates:
-        ids = rare_id_range(tokenizer)
+        bands = ", ".join(
+            f"ids {r.start}-{r.stop - 1} of a {one.vocab_size}-token vocabulary"
+            for one in _as_list(tokenizer)
+            for r in [rare_id_range(one)]
+        )
         raise InputError(
-            f"no identifier candidate for class noun {class_noun.strip()!r}: none of the tokens with ids "
-            f"{ids.start}-{ids.stop - 1} of this {tokenizer.vocab_size}-token vocabulary is a 1-3 letter "
-            "non-English word that stays one token in the prompt; pass your own identifier and check it "
-            "with db_adapters.validate_identifier"
+            f"no identifier candidate for class noun {class_noun.strip()!r}: no 1-3 letter non-English word is a "
+            f"rare token ({bands}) that stays one token in the prompt in every tokenizer; pass your own "
+            "identifier and check it with db_adapters.validate_identifier"
         )
     # A private generator: the choice depends only on the seed, not on global random state.
     return random.Random(seed).choice(candidates)
 
 
-def validate_identifier(
-    tokenizer: PreTrainedTokenizerBase, identifier: str, class_noun: str, *, strict: bool = False
-) -> str:
+def validate_identifier(tokenizer: Tokenizers, identifier: str, class_noun: str, *, strict: bool = False) -> str:
     """Check a user-given identifier and return it stripped; warn if it likely carries a meaning.
 
     An identifier is flagged when, inside "a {identifier} {class_noun}", it is not exactly one
@@ -330,7 +360,8 @@ def validate_identifier(
     word, or when it is in `KNOWN_STRONG_PRIORS` (e.g. "sks", the rifle).
 
     Args:
-        tokenizer (`PreTrainedTokenizerBase`): the text encoder's tokenizer.
+        tokenizer (`PreTrainedTokenizerBase | Sequence[PreTrainedTokenizerBase]`): the text encoder's
+            tokenizer, or all of them (each is checked).
         identifier (`str`): the identifier `[V]` the user wants.
         class_noun (`str`): the subject's class, e.g. "dog".
         strict (`bool`): raise `InputError` instead of warning.
@@ -360,14 +391,12 @@ def validate_identifier(
     identifier = _validate_identifier_text(identifier)
     class_noun = validate_class_noun(class_noun)
     reasons = []
-    (ids,) = _identifier_ids(tokenizer, [identifier], class_noun)
-    if ids is None:
-        reasons.append("does not stay a separate word in the prompt (it merges with the words around it)")
-    elif len(ids) != 1:
-        pieces = ", ".join(repr(piece) for piece in tokenizer.convert_ids_to_tokens(ids))
-        reasons.append(
-            f"is split into {len(ids)} tokens ({pieces}), each with its own meaning, instead of one rare token"
-        )
+    tokenizers = _as_list(tokenizer)
+    for number, one in enumerate(tokenizers, start=1):
+        where = f" by tokenizer {number}" if len(tokenizers) > 1 else ""
+        reason = _token_problem(one, identifier, class_noun)
+        if reason:
+            reasons.append(reason.replace("{where}", where))
     lowered = identifier.lower()
     if lowered in _english_word_set():
         reasons.append("is a common English word, so the text encoder already has a meaning for it")

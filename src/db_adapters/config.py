@@ -1,16 +1,19 @@
-"""Training settings: one flat dataclass of defaults, validated when built.
+"""Training settings: one flat dataclass of defaults, each with its help text, validated when built.
+
+Every setting is written once, here: `personalize`'s keyword arguments, its docstring and
+`db-adapt train`'s options are generated from these fields (and from each strategy's `Options`).
 
 Defaults for real models follow the paper and the peers (../REFERENCE.md): prior preservation on
 with lambda = 1, 200 class images (diffusers' README example; the paper used ~1000 and notes fewer
 suffice), 800 steps (diffusers' README with prior preservation; the paper ~1000), learning rate
 5e-6 for a full fine-tune (the paper's SD setting) and 1e-4 for LoRA (diffusers' LoRA README), at the
-pipeline's native resolution (512 for SD 1.5, 768 for SD 2.x). `None` means "use that default".
+pipeline's native resolution. `None` means "resolved for the run" (see `plan.py`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -18,61 +21,113 @@ from .errors import InputError
 
 DEFAULT_STEPS = 800
 DEFAULT_NUM_CLASS_IMAGES = 200
+DEFAULT_CLASS_INFERENCE_STEPS = 25
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 CLASS_SAMPLERS = ("dpmsolver++", "ddim", "euler", "ddpm", "pipeline")
 
 
+def setting(default: Any, help: str, *, cli: bool = True, choices: tuple[str, ...] | None = None) -> Any:
+    """A dataclass field with its help text (shown by `help(personalize)` and `db-adapt train --help`).
+
+    Args:
+        default (`Any`): the default value (immutable).
+        help (`str`): one sentence: what it does and, where it helps, its usual values.
+        cli (`bool`): whether `db-adapt train` offers it as an option.
+        choices (`tuple[str, ...] | None`): the allowed values, for the CLI's choice list.
+
+    Example:
+        >>> from dataclasses import dataclass, fields
+        >>> @dataclass
+        ... class Options:
+        ...     rank: int = setting(4, "LoRA rank.")
+        >>> fields(Options)[0].metadata["help"]
+        'LoRA rank.'
+    """
+    return field(default=default, metadata={"help": help, "cli": cli, "choices": choices})
+
+
+def help_text(spec: Field) -> str:
+    """A field's help text, with its default when it has one worth saying."""
+    text = spec.metadata.get("help", "")
+    if spec.default is not MISSING and spec.default not in (None, False, ()):
+        text += f" Default: {spec.default!r}."
+    return text
+
+
 @dataclass
 class TrainConfig:
-    """Everything `personalize` needs besides the pipeline, the images and the strategy."""
+    """Everything `personalize` needs besides the pipeline, the images, the class noun and the strategy."""
 
-    steps: int = DEFAULT_STEPS
-    learning_rate: float | None = None  # None: the strategy's default
-    text_encoder_learning_rate: float | None = None  # None: same as learning_rate
-    batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    prior_preservation: bool = True
-    num_class_images: int = DEFAULT_NUM_CLASS_IMAGES
-    prior_loss_weight: float = 1.0
-    train_text_encoder: bool = False
-    resolution: int | None = None  # None: the pipeline's native resolution
-    center_crop: bool = True
-    random_flip: bool = False
-    snr_gamma: float | None = None
-    noise_offset: float = 0.0
-    mixed_precision: str | None = None  # None: "no" (fp32), as diffusers does by default
-    use_8bit_adam: bool = False
-    adam_min_8bit_size: int = 4096  # bitsandbytes' default: tensors smaller than this keep 32-bit state
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
-    gradient_checkpointing: bool = False
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    max_grad_norm: float = 1.0
-    validation_prompts: list[str] | None = None
-    validation_every: int | None = None
-    validation_steps: int = 25
-    class_sampler: str = "dpmsolver++"
-    class_inference_steps: int = 25
-    class_batch_size: int = 4
-    class_image_dir: Path | None = None  # the class-image cache; None: output_dir/class_images
-    seed: int = 0
-    output_dir: Path | None = None
-    progress: bool = True
-    checkpoint_every: int | None = None  # save the training state to output_dir/checkpoints every N steps
-    keep_checkpoints: int = 2  # the newest K checkpoints are kept
-    resume: bool = False  # continue from the newest checkpoint in output_dir/checkpoints
+    identifier: str | None = setting(None, "The rare token [V] bound to the subject; None lets the binder choose one.")
+    instance_prompt: str | None = setting(None, 'The subject images\' prompt; None: "a {identifier} {class_noun}".')
+    class_prompt: str | None = setting(None, 'The class images\' prompt; None: "a {class_noun}".')
+    strict: bool = setting(False, "A questionable identifier is an error instead of a warning.")
+    steps: int | None = setting(
+        None, "Optimiser steps; None: 800, or the model folder's recommendation (db_adapters.json)."
+    )
+    learning_rate: float | None = setting(
+        None, "Learning rate; None: the model folder's recommendation or the strategy's (LoRA 1e-4, full 5e-6)."
+    )
+    text_encoder_learning_rate: float | None = setting(None, "Text encoders' learning rate; None: learning_rate.")
+    batch_size: int = setting(1, "Instance images per step; as many class images join them.")
+    gradient_accumulation_steps: int = setting(1, "Micro-batches per optimiser step.")
+    prior_preservation: bool = setting(True, "Add the class-prior loss (the paper's method).")
+    num_class_images: int | None = setting(None, "Class images for the prior; None: 200, or the recommendation.")
+    prior_loss_weight: float = setting(1.0, "Lambda, the prior term's weight (the paper: 1.0).")
+    train_text_encoder: bool = setting(False, "Train the text encoder(s) too (all of the family's encoders).")
+    resolution: int | None = setting(None, "Training size in pixels, a multiple of 8; None: the model's native size.")
+    random_flip: bool = setting(False, "Also train on left-right mirrored subject images.")
+    snr_gamma: float | None = setting(None, "Min-SNR weighting gamma (5.0 is usual), applied to each half on its own.")
+    noise_offset: float = setting(0.0, "Offset-noise strength (0.05-0.1 helps very dark or bright images).")
+    mixed_precision: str | None = setting(
+        None,
+        "'no' (fp32), 'fp16' or 'bf16' autocast; None matches the pipeline's dtype (fp16 -> fp16 with loss "
+        "scaling, bf16 -> bf16, fp32 -> no). Trainable weights stay fp32.",
+        choices=MIXED_PRECISION,
+    )
+    use_8bit_adam: bool = setting(False, "bitsandbytes' 8-bit AdamW (optimizer state in uint8).")
+    adam_min_8bit_size: int = setting(4096, "8-bit Adam: tensors smaller than this keep 32-bit state.", cli=False)
+    adam_betas: tuple[float, float] = setting((0.9, 0.999), "AdamW betas.", cli=False)
+    adam_weight_decay: float = setting(1e-2, "AdamW weight decay.")
+    adam_epsilon: float = setting(1e-8, "AdamW epsilon.", cli=False)
+    gradient_checkpointing: bool = setting(False, "Recompute activations in the backward pass: less memory, slower.")
+    lr_scheduler: str = setting("constant", "Learning-rate schedule.", choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = setting(0, "Warmup steps of the learning-rate schedule.")
+    max_grad_norm: float = setting(1.0, "Gradient clipping norm.")
+    validation_prompts: tuple[str, ...] | None = setting(
+        None, 'Preview prompts rendered during training; "{id}" becomes the identifier.'
+    )
+    validation_every: int | None = setting(None, "Render previews every N steps into output_dir/previews.")
+    validation_steps: int = setting(25, "Sampler steps of each preview.")
+    class_sampler: str = setting(
+        "dpmsolver++", "Sampler of the class images ('ddpm' is the paper's ancestral sampling).", choices=CLASS_SAMPLERS
+    )
+    class_inference_steps: int | None = setting(None, "Sampler steps per class image; None: 25, or the recommendation.")
+    class_guidance_scale: float | None = setting(
+        None, "Classifier-free guidance of the class images; None: the pipeline's own default."
+    )
+    class_batch_size: int = setting(4, "Class images generated per pipeline call.")
+    class_image_dir: Path | None = setting(None, "The class-image cache; None: output_dir/class_images.")
+    seed: int = setting(0, "Seeds the identifier choice, class images, initial weights, noise and data order.")
+    output_dir: Path | None = setting(None, "The run's files: class-image cache, previews, checkpoints.")
+    progress: bool = setting(True, "Show a progress bar.", cli=False)
+    checkpoint_every: int | None = setting(
+        None, "Save the complete training state to output_dir/checkpoints every N steps."
+    )
+    keep_checkpoints: int = setting(2, "Keep the newest K checkpoints.")
+    resume: bool = setting(
+        False,
+        "Continue bit-exactly from the newest complete checkpoint in output_dir/checkpoints; refused, naming "
+        "the difference, if an input or a result-changing setting differs.",
+    )
 
     def __post_init__(self) -> None:
-        self._check_positive_int("steps", self.steps)
-        self._check_positive_int("batch_size", self.batch_size)
-        self._check_positive_int("gradient_accumulation_steps", self.gradient_accumulation_steps)
-        self._check_positive_int("num_class_images", self.num_class_images)
-        self._check_positive_int("class_inference_steps", self.class_inference_steps)
-        self._check_positive_int("class_batch_size", self.class_batch_size)
-        self._check_positive_int("validation_steps", self.validation_steps)
+        for name in ("batch_size", "gradient_accumulation_steps", "class_batch_size", "validation_steps"):
+            self._check_positive_int(name, getattr(self, name))
+        for name in ("steps", "num_class_images", "class_inference_steps"):
+            if getattr(self, name) is not None:
+                self._check_positive_int(name, getattr(self, name))
         for name in ("learning_rate", "text_encoder_learning_rate"):
             value = getattr(self, name)
             if value is not None and not (_is_number(value) and value > 0 and math.isfinite(value)):
@@ -85,23 +140,23 @@ class TrainConfig:
             raise InputError(f"noise_offset={self.noise_offset!r} must be >= 0 (0.05-0.1 is common).")
         if not (_is_number(self.max_grad_norm) and self.max_grad_norm > 0):
             raise InputError(f"max_grad_norm={self.max_grad_norm!r} must be a positive number.")
+        if self.class_guidance_scale is not None and not (
+            _is_number(self.class_guidance_scale) and self.class_guidance_scale >= 0
+        ):
+            raise InputError(
+                f"class_guidance_scale={self.class_guidance_scale!r} must be a number >= 0 (7.5 is usual)."
+            )
         if not isinstance(self.lr_warmup_steps, int) or self.lr_warmup_steps < 0:
             raise InputError(f"lr_warmup_steps={self.lr_warmup_steps!r} must be an integer >= 0.")
-        if self.mixed_precision is None:
-            self.mixed_precision = "no"
-        self._check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        if self.mixed_precision is not None:
+            self._check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
         self._check_choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
         self._check_choice("class_sampler", self.class_sampler, CLASS_SAMPLERS)
         if self.resolution is not None:
             from .data import validate_resolution
 
             validate_resolution(self.resolution)
-        if self.validation_every is not None:
-            self._check_positive_int("validation_every", self.validation_every)
-            if not self.validation_prompts:
-                raise InputError("validation_every is set but validation_prompts is empty; pass prompts to render.")
-        if self.validation_prompts is not None and isinstance(self.validation_prompts, str):
-            self.validation_prompts = [self.validation_prompts]
+        self._check_validation_settings()
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise InputError(f"seed={self.seed!r} must be an integer >= 0.")
         if self.output_dir is not None:
@@ -109,6 +164,18 @@ class TrainConfig:
         self._check_checkpoint_settings()
         if self.class_image_dir is not None:
             self.class_image_dir = Path(self.class_image_dir)
+
+    def _check_validation_settings(self) -> None:
+        if isinstance(self.validation_prompts, str):
+            self.validation_prompts = (self.validation_prompts,)
+        elif self.validation_prompts is not None:
+            self.validation_prompts = tuple(self.validation_prompts) or None
+        if self.validation_every is not None:
+            self._check_positive_int("validation_every", self.validation_every)
+            if not self.validation_prompts:
+                raise InputError("validation_every is set but validation_prompts is empty; pass prompts to render.")
+            if self.output_dir is None:
+                raise InputError("validation_every needs output_dir: previews are written to output_dir/previews.")
 
     def _check_checkpoint_settings(self) -> None:
         if self.checkpoint_every is not None:

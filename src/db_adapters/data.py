@@ -18,6 +18,7 @@ import numbers
 import os
 import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -135,6 +136,36 @@ def image_batch(images: Sequence[Image.Image], resolution: int, *, flip: bool = 
     if not images:
         raise InputError("image_batch: the list of images is empty; pass at least one PIL image")
     return torch.stack([preprocess(image, resolution, flip=flip) for image in images])
+
+
+@dataclass(frozen=True)
+class CropGeometry:
+    """Where a training image came from: its size before resizing, and the crop's top-left corner.
+
+    SDXL conditions on both (its `add_time_ids`); the crop corner is in the resized image's pixels.
+
+    Attributes:
+        original_size: (height, width) of the image as loaded.
+        crop_top_left: (top, left) of the square crop after the shorter side was resized.
+    """
+
+    original_size: tuple[int, int]
+    crop_top_left: tuple[int, int]
+
+
+def crop_geometry(image: Image.Image, resolution: int) -> CropGeometry:
+    """The size and crop `preprocess` gives `image` at `resolution` (shorter side resized, centre crop).
+
+    Args:
+        image: A PIL image.
+        resolution: Side of the square crop in pixels.
+
+    Example:
+        >>> crop_geometry(Image.new("RGB", (96, 64)), 32)
+        CropGeometry(original_size=(64, 96), crop_top_left=(0, 8))
+    """
+    width, height = _resized_size(image.size, resolution)
+    return CropGeometry((image.height, image.width), ((height - resolution) // 2, (width - resolution) // 2))
 
 
 def validate_resolution(resolution: int) -> int:
@@ -288,11 +319,15 @@ def _sixteen_bit_to_rgb(image: Image.Image) -> Image.Image:
     return Image.fromarray(grey).convert("RGB")
 
 
-def _resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
-    width, height = image.size
-    scale = size / min(width, height)
+def _resized_size(size: tuple[int, int], target: int) -> tuple[int, int]:
+    width, height = size
+    scale = target / min(width, height)
     # max() keeps rounding from leaving the longer side a pixel short of the crop.
-    new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
+    return max(target, round(width * scale)), max(target, round(height * scale))
+
+
+def _resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
+    new_size = _resized_size(image.size, size)
     if new_size == image.size:
         return image
     return image.resize(new_size, Image.Resampling.LANCZOS)

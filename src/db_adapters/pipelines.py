@@ -1,7 +1,5 @@
-"""Which pipelines db-adapters supports, and fingerprints that tell base models apart.
-
-Supported: the `StableDiffusionPipeline` family (SD 1.x and 2.x, epsilon and v-prediction): a
-`UNet2DConditionModel`, an `AutoencoderKL`, one `CLIPTextModel` and its `CLIPTokenizer`.
+"""What db-adapters reads off any pipeline, whatever its family: where it came from, its recommended
+settings, and fingerprints that tell base models apart. Family-specific facts live in `families/`.
 """
 
 from __future__ import annotations
@@ -10,18 +8,15 @@ import hashlib
 import json
 from typing import TYPE_CHECKING, Any
 
-from .errors import InputError
+from .families import family_of
 
 if TYPE_CHECKING:
-    import torch
     from diffusers import DiffusionPipeline
 
-SUPPORTED = "StableDiffusionPipeline (Stable Diffusion 1.x and 2.x)"
 # A model folder may carry its own recommended personalization settings (a small model needs other
 # steps and learning rates than SD 1.5); `personalize` uses them for the settings left out.
 RECOMMENDATIONS_FILE = "db_adapters.json"
 RECOMMENDABLE = ("steps", "learning_rate", "num_class_images", "class_inference_steps")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 def check_supported(pipe: Any) -> None:
@@ -34,62 +29,25 @@ def check_supported(pipe: Any) -> None:
         >>> from db_adapters.testing import tiny_pipeline
         >>> check_supported(tiny_pipeline())
     """
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    name = type(pipe).__name__
-    if not isinstance(pipe, StableDiffusionPipeline):
-        raise InputError(
-            f"pipeline {name} is not supported; db-adapters supports {SUPPORTED}. "
-            "Load the model with StableDiffusionPipeline.from_pretrained(...)."
-        )
-    parts = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
-    for part, cls in parts.items():
-        if not isinstance(getattr(pipe, part, None), cls):
-            raise InputError(f"pipeline {name} has no {cls.__name__} as `{part}`; supported: {SUPPORTED}.")
-    prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
-    if prediction_type not in PREDICTION_TYPES:
-        raise InputError(
-            f"scheduler prediction_type {prediction_type!r} is not supported; use one of {PREDICTION_TYPES}."
-        )
+    family_of(pipe)
 
 
 def native_resolution(pipe: DiffusionPipeline) -> int:
-    """The image size the pipeline was trained at (512 for SD 1.5, 768 for SD 2.x v-models)."""
-    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
-
-
-def base_module_shapes(module: torch.nn.Module) -> dict[str, list[int]]:
-    """Parameter names and shapes of `module` as it was before any peft layers were injected."""
-    shapes = {}
-    for name, tensor in module.state_dict().items():
-        if "lora_" in name or ".lora." in name:
-            continue
-        shapes[name.replace(".base_layer.", ".")] = list(tensor.shape)
-    return shapes
+    """The image size the pipeline was trained at (512 for SD 1.5, 768 for SD 2.x v-models, 1024 for SDXL)."""
+    return family_of(pipe).native_resolution(pipe)
 
 
 def architecture_fingerprint(pipe: DiffusionPipeline) -> str:
-    """A hash of the UNet's and text encoder's parameter names and shapes (adapter layers excluded)."""
-    shapes = {"unet": base_module_shapes(pipe.unet), "text_encoder": base_module_shapes(pipe.text_encoder)}
-    return hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[:16]
+    """A hash of the denoiser's and text encoders' parameter names and shapes (adapter layers excluded)."""
+    return family_of(pipe).architecture_fingerprint(pipe)
 
 
 def weights_fingerprint(pipe: DiffusionPipeline) -> str:
-    """A hash of a few base weights: tells two checkpoints of the same architecture apart, cheaply.
-
-    Hashing every weight of SD 1.5 would read 4 GB; the token embeddings and the UNet's first and
-    last convolutions differ between any two trainings, so they stand for the whole.
-    """
+    """A hash of a few base weights: tells two checkpoints of the same architecture apart, cheaply."""
     import torch
 
     digest = hashlib.sha256()
-    probes = [
-        pipe.text_encoder.get_input_embeddings().weight,
-        pipe.unet.conv_in.weight,
-        pipe.unet.conv_out.weight,
-    ]
-    for tensor in probes:
+    for tensor in family_of(pipe).fingerprint_tensors(pipe):
         flat = tensor.detach().reshape(-1)[:65536].to("cpu", torch.float32).contiguous()
         digest.update(flat.numpy().tobytes())
     return digest.hexdigest()[:16]

@@ -1,7 +1,8 @@
 """Class images for prior preservation: generated once by the frozen base pipeline, cached on disk.
 
-The cache key is (base-model fingerprint, class prompt, resolution, count, seed), so a rerun with the
-same settings reuses the images, and an interrupted generation resumes with only the missing ones.
+The cache key is everything that changes the images (base-model fingerprint, class prompt, resolution,
+count, seed, sampler, its steps and guidance), so a rerun with the same settings reuses the images, a
+changed setting makes new ones, and an interrupted generation resumes with only the missing ones.
 Image i is always drawn from seed (seed, i), whatever the batch size or the number of processes, so
 the set is reproducible. Launched as several processes, rank r generates images r, r + world, ...;
 the ranks exchange them, the main process alone writes the cache, and all wait for it at a barrier.
@@ -25,7 +26,7 @@ from .files import write_atomically
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
     from PIL import Image
 
 logger = logging.getLogger("db_adapters")
@@ -36,9 +37,22 @@ BLACK_MAX_VALUE = 8
 MAX_BLACK_RETRIES = 3
 
 
-def cache_key(base_fingerprint: str, class_prompt: str, resolution: int, count: int, seed: int) -> str:
-    """The cache folder name for one class-image set."""
-    text = json.dumps([base_fingerprint, class_prompt, resolution, count, seed])
+def cache_key(base_fingerprint: str, class_prompt: str, resolution: int, count: int, seed: int, **sampling: Any) -> str:
+    """The cache folder name for one class-image set: a hash of everything that changes the images.
+
+    Args:
+        base_fingerprint (`str`): the base model's weights fingerprint.
+        class_prompt (`str`): e.g. "a dog".
+        resolution (`int`): the images' size.
+        count (`int`): how many images the set holds.
+        seed (`int`): the set's seed.
+        **sampling: the sampler's settings (name, steps, guidance scale).
+
+    Example:
+        >>> cache_key("w", "a dog", 32, 2, 0, sampler="ddim") != cache_key("w", "a dog", 32, 2, 0, sampler="ddpm")
+        True
+    """
+    text = json.dumps([base_fingerprint, class_prompt, resolution, count, seed, sampling], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -47,7 +61,7 @@ def image_seed(seed: int, index: int, attempt: int = 0) -> int:
     return (seed * 1_000_003 + index + attempt * 7_919_993) % (2**63)
 
 
-def _sampler(pipe: StableDiffusionPipeline, name: str) -> Any:
+def _sampler(pipe: DiffusionPipeline, name: str) -> Any:
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
     if name == "pipeline":
@@ -62,7 +76,7 @@ def _sampler(pipe: StableDiffusionPipeline, name: str) -> Any:
 
 
 @contextmanager
-def generation_setup(pipe: StableDiffusionPipeline, sampler: str) -> Iterator[None]:
+def generation_setup(pipe: DiffusionPipeline, sampler: str) -> Iterator[None]:
     """Swap in the class-image sampler and switch the safety checker off, restoring both after."""
     scheduler, checker = pipe.scheduler, getattr(pipe, "safety_checker", None)
     # The safety checker replaces flagged images with black ones silently; black images are
@@ -79,21 +93,23 @@ def is_black(image: Image.Image) -> bool:
 
 
 def generate_images(
-    pipe: StableDiffusionPipeline,
+    pipe: DiffusionPipeline,
     prompt: str,
     seeds: Sequence[int],
     resolution: int,
     *,
     num_inference_steps: int,
     batch_size: int,
+    guidance_scale: float | None = None,
 ) -> list[Image.Image]:
-    """Generate one image per seed from `prompt`, `batch_size` at a time."""
+    """Generate one image per seed from `prompt`, `batch_size` at a time (guidance None: the pipeline's default)."""
     import torch
 
     images: list[Image.Image] = []
     for start in range(0, len(seeds), batch_size):
         chunk = seeds[start : start + batch_size]
         generators = [torch.Generator("cpu").manual_seed(s) for s in chunk]
+        guidance = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
         with torch.no_grad():
             out = pipe(
                 [prompt] * len(chunk),
@@ -102,13 +118,14 @@ def generate_images(
                 num_inference_steps=num_inference_steps,
                 generator=generators,
                 output_type="pil",
+                **guidance,
             )
         images.extend(out.images)
     return images
 
 
 def class_images(
-    pipe: StableDiffusionPipeline,
+    pipe: DiffusionPipeline,
     class_prompt: str,
     count: int,
     resolution: int,
@@ -118,13 +135,14 @@ def class_images(
     base_fingerprint: str,
     sampler: str = "dpmsolver++",
     num_inference_steps: int = 25,
+    guidance_scale: float = 7.5,
     batch_size: int = 4,
     given: Sequence[Image.Image] = (),
 ) -> list[Image.Image]:
     """Return `count` class images: the user's `given` ones first, the rest generated and cached.
 
     Args:
-        pipe (`StableDiffusionPipeline`): the frozen base pipeline (before any adapter).
+        pipe (`DiffusionPipeline`): the frozen base pipeline (before any adapter).
         class_prompt (`str`): e.g. "a dog".
         count (`int`): how many class images training uses.
         resolution (`int`): generated images' size.
@@ -133,6 +151,7 @@ def class_images(
         base_fingerprint (`str`): identifies the base model in the cache key.
         sampler (`str`): "dpmsolver++" (default), "ddim", "euler", "ddpm" or "pipeline".
         num_inference_steps (`int`): sampler steps per image.
+        guidance_scale (`float`): classifier-free guidance scale.
         batch_size (`int`): images per pipeline call.
         given (`Sequence[PIL.Image]`): the user's own class images.
 
@@ -155,21 +174,19 @@ def class_images(
             missing,
             class_prompt,
         )
-    folder = Path(cache_dir) / cache_key(base_fingerprint, class_prompt, resolution, missing, seed)
-    return given + _cached_generation(
-        pipe, class_prompt, missing, resolution, seed, folder, sampler, num_inference_steps, batch_size
-    )
+    sampling = {"sampler": sampler, "steps": num_inference_steps, "guidance_scale": guidance_scale}
+    folder = Path(cache_dir) / cache_key(base_fingerprint, class_prompt, resolution, missing, seed, **sampling)
+    return given + _cached_generation(pipe, class_prompt, missing, resolution, seed, folder, sampling, batch_size)
 
 
 def _cached_generation(
-    pipe: StableDiffusionPipeline,
+    pipe: DiffusionPipeline,
     prompt: str,
     count: int,
     resolution: int,
     seed: int,
     folder: Path,
-    sampler: str,
-    steps: int,
+    sampling: dict[str, Any],
     batch_size: int,
 ) -> list[Image.Image]:
     from PIL import Image
@@ -190,10 +207,11 @@ def _cached_generation(
             def write(index: int, image: Image.Image) -> None:
                 write_atomically(paths[index], lambda tmp: image.save(tmp, format="PNG"))
 
-        with generation_setup(pipe, sampler):
-            made, failed = _generate_shared(pipe, prompt, todo, resolution, seed, steps, batch_size, procs, write)
+        with generation_setup(pipe, sampling["sampler"]):
+            made, failed = _generate_shared(pipe, prompt, todo, resolution, seed, sampling, batch_size, procs, write)
         if procs.is_main and not failed:
-            (folder / "info.json").write_text(json.dumps({"prompt": prompt, "count": count, "seed": seed}))
+            info = {"prompt": prompt, "count": count, "seed": seed, **sampling}
+            (folder / "info.json").write_text(json.dumps(info))
         procs.barrier()  # the cache is complete on disk before any rank moves on
         if failed:
             raise InputError(
@@ -204,12 +222,12 @@ def _cached_generation(
 
 
 def _generate_shared(
-    pipe: StableDiffusionPipeline,
+    pipe: DiffusionPipeline,
     prompt: str,
     todo: list[int],
     resolution: int,
     seed: int,
-    steps: int,
+    sampling: dict[str, Any],
     batch_size: int,
     procs: Processes,
     write: Callable[[int, Image.Image], None] | None,
@@ -224,7 +242,15 @@ def _generate_shared(
         mine = procs.share(todo)
         logger.debug("process %d of %d: class images %s (attempt %d)", procs.rank, procs.world, mine, attempt)
         seeds = [image_seed(seed, i, attempt) for i in mine]
-        images = generate_images(pipe, prompt, seeds, resolution, num_inference_steps=steps, batch_size=batch_size)
+        images = generate_images(
+            pipe,
+            prompt,
+            seeds,
+            resolution,
+            num_inference_steps=sampling["steps"],
+            guidance_scale=sampling["guidance_scale"],
+            batch_size=batch_size,
+        )
         good = {i: image for i, image in zip(mine, images, strict=True) if not is_black(image)}
         largest_share = math.ceil(len(todo) / procs.world)
         for index, image in sorted(procs.gather_images(good, largest_share, resolution).items()):

@@ -1,9 +1,10 @@
 """One readable DreamBooth training loop on accelerate.
 
-It takes a pipeline already made trainable by a strategy, the encoded training set and a loss, and
-optimises `strategy.trainable_parameters(pipe)`; it does not know which strategy it runs. Each step
-draws `batch_size` instance and `batch_size` class latents, noises each with its own timesteps, runs
-the UNet once on both halves, and hands the halves to the loss separately.
+It takes a pipeline already made trainable by a strategy, the encoded training set and the run plan,
+and optimises `strategy.trainable_parameters(pipe)`; it knows neither the strategy nor the model
+family by name. Each step draws `batch_size` instance and `batch_size` class latents, noises each with
+its own timesteps (the family's objective), runs the denoiser once on both halves (the family's
+`predict`), and hands the halves to the loss separately.
 
 With `RunCheckpoints` it saves its complete state every N steps (trainable weights, optimizer,
 lr scheduler, gradient scaler, step, every RNG, data order, loss history) and resumes from one
@@ -23,18 +24,18 @@ from typing import TYPE_CHECKING, Any
 from .checkpoint import optimizer_state, restore_optimizer, restore_rng, rng_state
 from .distributed import rank_seed
 from .errors import TrainingError
-from .loss import LossHalf, PriorPreservationLoss, training_target
+from .loss import LossHalf
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
     from pathlib import Path
 
     import torch
-    from diffusers import StableDiffusionPipeline
 
     from .checkpoint import RunCheckpoints
     from .config import TrainConfig
-    from .strategies import Strategy
+    from .latents import TrainingHalf, TrainingSet
+    from .plan import RunPlan
 
 logger = logging.getLogger("db_adapters")
 
@@ -42,65 +43,38 @@ StepCallback = Callable[[int, dict[str, float]], None]
 
 
 @dataclass
-class LatentBank:
-    """Encoded images, kept as the VAE's Gaussian (mean, std): each step samples fresh latents."""
+class HalfBatch:
+    """One half's share of a step: noisy latents (B, C, h, w), timesteps (B,), targets, conditioning."""
 
-    mean: torch.Tensor  # (N, C, h, w), float32
-    std: torch.Tensor  # (N, C, h, w), float32
-    scaling_factor: float
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    target: torch.Tensor
+    conditioning: dict[str, torch.Tensor]
 
-    def __len__(self) -> int:
-        return self.mean.shape[0]
-
-    def sample(self, indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    @staticmethod
+    def concatenate(halves: list[HalfBatch]) -> HalfBatch:
+        """Both halves as one batch, instance first, for a single denoiser call."""
         import torch
 
-        mean, std = self.mean[indices], self.std[indices]
-        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
-        return (mean + std * noise.to(mean.device)) * self.scaling_factor
+        return HalfBatch(
+            noisy=torch.cat([h.noisy for h in halves]),
+            timesteps=torch.cat([h.timesteps for h in halves]),
+            target=torch.cat([h.target for h in halves]),
+            conditioning={key: torch.cat([h.conditioning[key] for h in halves]) for key in halves[0].conditioning},
+        )
 
+    def to(self, device: torch.device, dtype: torch.dtype) -> HalfBatch:
+        """On `device`; floating inputs in the denoiser's `dtype` (timesteps keep theirs)."""
 
-@dataclass
-class TrainingSet:
-    """What the loop trains on: instance latents + prompt ids, and optionally the class half."""
+        def move(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.to(device, dtype) if tensor.is_floating_point() else tensor.to(device)
 
-    instance: LatentBank
-    instance_ids: torch.Tensor  # (1, L) token ids of the instance prompt
-    prior: LatentBank | None = None
-    prior_ids: torch.Tensor | None = None
-    # Prompt embeddings, computed once when the text encoder is frozen.
-    instance_embeds: torch.Tensor | None = None
-    prior_embeds: torch.Tensor | None = None
-
-
-def encode_images(pipe: StableDiffusionPipeline, pixels: torch.Tensor, batch_size: int = 8) -> LatentBank:
-    """Encode (N, 3, H, W) pixels in [-1, 1] once, with the frozen VAE."""
-    import torch
-
-    vae = pipe.vae
-    means, stds = [], []
-    with torch.no_grad():
-        for start in range(0, pixels.shape[0], batch_size):
-            batch = pixels[start : start + batch_size].to(vae.device, vae.dtype)
-            dist = vae.encode(batch).latent_dist
-            means.append(dist.mean.float().cpu())
-            stds.append(dist.std.float().cpu())
-    return LatentBank(torch.cat(means), torch.cat(stds), float(vae.config.scaling_factor))
-
-
-def prompt_ids(pipe: StableDiffusionPipeline, prompt: str) -> torch.Tensor:
-    tokenizer = pipe.tokenizer
-    return tokenizer(
-        prompt,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-
-
-def encode_prompt(text_encoder: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    return text_encoder(ids.to(text_encoder.device))[0]
+        return HalfBatch(
+            noisy=move(self.noisy),
+            timesteps=self.timesteps.to(device),
+            target=self.target,
+            conditioning={key: move(value) for key, value in self.conditioning.items()},
+        )
 
 
 class IndexStream:
@@ -179,6 +153,9 @@ def _make_accelerator(config: TrainConfig, device: torch.device) -> Any:
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         cpu=device.type == "cpu",
+        # The modules stay on the pipeline's device: `prepare` would move them to accelerate's current
+        # device (cuda:0 for a pipeline on cuda:1) while the frozen VAE and encoders stayed behind.
+        device_placement=False,
     )
 
 
@@ -231,31 +208,27 @@ class Trainer:
 
     def __init__(
         self,
-        pipe: StableDiffusionPipeline,
-        strategy: Strategy,
+        pipe: Any,
+        plan: RunPlan,
         data: TrainingSet,
-        config: TrainConfig,
         *,
-        learning_rate: float,
-        text_encoder_learning_rate: float,
         callback: StepCallback | None = None,
         validation: Callable[[int], None] | None = None,
         checkpoints: RunCheckpoints | None = None,
         resume_from: tuple[Path, dict[str, torch.Tensor], dict[str, Any]] | None = None,
     ) -> None:
-        from diffusers import DDPMScheduler
-
-        self.pipe, self.strategy, self.data, self.config = pipe, strategy, data, config
-        self.lrs = {"unet": learning_rate, "text_encoder": text_encoder_learning_rate}
+        self.pipe, self.plan, self.data, self.config = pipe, plan, data, plan.config
+        self.family, self.strategy = plan.family, plan.strategy
+        # Training runs where the pipeline is (a pipeline on cuda:1 trains on cuda:1), not on
+        # accelerate's current device.
+        self.device = plan.device
+        self.lrs = {name: plan.text_encoder_learning_rate for name in self.family.text_encoders}
+        self.lrs[self.family.denoiser] = self.config.learning_rate
         self.callback, self.validation = callback, validation
         self.checkpoints, self.resume_from = checkpoints, resume_from
         self.last_checkpoint: Path | None = resume_from[0] if resume_from else None
-        # Training noise always follows the DDPM forward process of the model's own schedule,
-        # whatever sampler the user set on the pipeline for inference.
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self.loss = PriorPreservationLoss.from_scheduler(
-            self.noise_scheduler, prior_loss_weight=config.prior_loss_weight, snr_gamma=config.snr_gamma
-        )
+        self.objective = self.family.objective(pipe, self.config.snr_gamma)
+        self.loss = self.objective.loss(self.config.prior_loss_weight)
         self.history: list[dict[str, float]] = []
 
     def run(self) -> list[dict[str, float]]:
@@ -266,9 +239,9 @@ class Trainer:
                 param.requires_grad_(True)
         trainable = [p for group in self._params.values() for p in group]
         self._check_trainable_dtypes(trainable)
-        components = [c for c in ("unet", "text_encoder") if self._params.get(c)]
+        components = [c for c in self.family.components() if self._params.get(c)]
         modules = [getattr(self.pipe, c) for c in components]
-        accelerator = _make_accelerator(config, self.pipe.unet.device)
+        accelerator = _make_accelerator(config, self.device)
         models, optimizer, lr_scheduler = self._prepare(accelerator, components, modules)
         self._accelerator, self._optimizer, self._lr_scheduler = accelerator, optimizer, lr_scheduler
         self._seed = rank_seed(config.seed, accelerator.process_index)
@@ -320,8 +293,9 @@ class Trainer:
         # One generator draws data order, latents, noise and timesteps: its state is the data's state.
         # Each process of a multi-process run draws its own (rank_seed; rank 0 keeps `seed`).
         self._generator = torch.Generator("cpu").manual_seed(self._seed)
-        self._instances = IndexStream(len(self.data.instance), self._generator)
-        self._priors = IndexStream(len(self.data.prior), self._generator) if self.data.prior is not None else None
+        self._instances = IndexStream(len(self.data.instance.latents), self._generator)
+        prior = self.data.prior
+        self._priors = IndexStream(len(prior.latents), self._generator) if prior is not None else None
 
     def _after_step(self, step: int, logs: dict[str, float], accelerator: Any) -> None:
         import torch
@@ -442,7 +416,7 @@ class Trainer:
 
     def _non_finite_message(self, term: str, value: float, step: int) -> str:
         config = self.config
-        advice = f"lower the learning rate (now {self.lrs['unet']:g})"
+        advice = f"lower the learning rate (now {self.config.learning_rate:g})"
         if config.mixed_precision != "no":
             advice += f" or train in fp32 (mixed_precision='no' instead of {config.mixed_precision!r})"
         else:
@@ -454,48 +428,44 @@ class Trainer:
             saved = " No checkpoint had been written yet."
         return f"the {term} loss became {value} at step {step} of {config.steps}; {advice}, and start a new run.{saved}"
 
-    def _noised(self, bank: LatentBank, indices) -> tuple[Any, Any, Any, Any]:
+    def _half_batch(self, half: TrainingHalf, stream: IndexStream) -> HalfBatch:
+        """`batch_size` items of one half, noised with their own timesteps (on the CPU generator)."""
         import torch
 
-        gen = self._generator
-        latents = bank.sample(indices, gen)  # (B, C, h, w)
+        gen, batch = self._generator, self.config.batch_size
+        indices = stream.take(batch)
+        latents = half.latents.sample(indices, gen)  # (B, C, h, w)
         noise = torch.randn(latents.shape, generator=gen)
         if self.config.noise_offset:
             noise = noise + self.config.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=gen)
-        timesteps = torch.randint(
-            0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen
+        timesteps = self.objective.sample_timesteps(batch, gen)
+        prompt = half.prompt_embeds
+        if prompt is None:  # the text encoders train: encode the prompt through them, every step
+            prompt = self.family.encode_prompt(self._models, half.prompt_ids)
+        conditioning = {key: value.expand(batch, *value.shape[1:]) for key, value in prompt.items()}
+        conditioning |= {key: value[indices] for key, value in half.image_conditioning.items()}
+        return HalfBatch(
+            noisy=self.objective.add_noise(latents, noise, timesteps),
+            timesteps=timesteps,
+            target=self.objective.target(latents, noise, timesteps),
+            conditioning=conditioning,
         )
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        target = training_target(self.noise_scheduler, latents, noise, timesteps)
-        return noisy, timesteps, target, latents
 
-    def _embeds(self, ids, cached):
-        if cached is not None:
-            return cached
-        return encode_prompt(self._models["text_encoder"], ids)
-
-    def _loss_terms(self, accelerator):
-        import torch
-
-        batch = self.config.batch_size
-        device = accelerator.device
-        noisy_i, t_i, target_i, _ = self._noised(self.data.instance, self._instances.take(batch))
-        halves = [(noisy_i, t_i, target_i, self._embeds(self.data.instance_ids, self.data.instance_embeds))]
+    def _loss_terms(self, accelerator: Any) -> Any:
+        halves = [self._half_batch(self.data.instance, self._instances)]
         if self.data.prior is not None:
-            noisy_c, t_c, target_c, _ = self._noised(self.data.prior, self._priors.take(batch))
-            halves.append((noisy_c, t_c, target_c, self._embeds(self.data.prior_ids, self.data.prior_embeds)))
-        dtype = self.pipe.unet.conv_in.weight.dtype
-        model_input = torch.cat([h[0] for h in halves]).to(device, dtype)
-        timesteps = torch.cat([h[1] for h in halves]).to(device)
-        embeds = torch.cat([h[3].expand(batch, -1, -1) for h in halves]).to(device, dtype)
+            halves.append(self._half_batch(self.data.prior, self._priors))
+        both = HalfBatch.concatenate(halves).to(self.device, getattr(self.pipe, self.family.denoiser).dtype)
         with accelerator.autocast():
-            prediction = self._models["unet"](model_input, timesteps, embeds).sample
-        parts = prediction.split(batch)
-        instance = LossHalf(parts[0], target_i.to(device), t_i.to(device))
-        prior = None
-        if len(halves) == 2:
-            prior = LossHalf(parts[1], halves[1][2].to(device), halves[1][1].to(device))
-        return self.loss(instance, prior)
+            prediction = self.family.predict(
+                self._models[self.family.denoiser], both.noisy, both.timesteps, both.conditioning
+            )
+        parts = prediction.split(self.config.batch_size)
+        losses = [
+            LossHalf(part, half.target.to(self.device), half.timesteps.to(self.device))
+            for part, half in zip(parts, halves, strict=True)
+        ]
+        return self.loss(*losses)
 
 
 def _cuda_devices(device: torch.device) -> list[int]:

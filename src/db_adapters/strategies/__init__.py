@@ -7,14 +7,10 @@ defined elsewhere (a user's code, a test) register the same way.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
-from ..errors import InputError
+from ..registry import Registry
 from .base import Strategy
 
-_REGISTRY: dict[str, type[Strategy]] = {}
-_builtins_loaded = False
+_REGISTRY: Registry[type[Strategy]] = Registry("strategy", Strategy, __name__, __path__)
 
 
 def register_strategy(cls: type[Strategy]) -> type[Strategy]:
@@ -31,31 +27,12 @@ def register_strategy(cls: type[Strategy]) -> type[Strategy]:
         >>> get_strategy("mine") is Mine
         True
     """
-    if not (isinstance(cls, type) and issubclass(cls, Strategy)):
-        raise TypeError(f"{cls!r} is not a Strategy subclass")
-    name = getattr(cls, "name", "")
-    if not name:
-        raise TypeError(f"{cls.__name__} has no `name`; set a class attribute such as name = 'lora'")
-    known = _REGISTRY.get(name)
-    if known is not None and known.__qualname__ != cls.__qualname__:
-        raise ValueError(f"a strategy named {name!r} is already registered ({known.__qualname__})")
-    _REGISTRY[name] = cls
-    return cls
-
-
-def _load_builtins() -> None:
-    global _builtins_loaded
-    if not _builtins_loaded:
-        _builtins_loaded = True
-        for module in pkgutil.iter_modules(__path__):
-            if module.name != "base":
-                importlib.import_module(f"{__name__}.{module.name}")
+    return _REGISTRY.register(cls)
 
 
 def available_strategies() -> list[str]:
     """The registered strategy names, sorted. Example: `available_strategies()` -> ['full', 'lora']."""
-    _load_builtins()
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def get_strategy(name: str) -> type[Strategy]:
@@ -68,10 +45,7 @@ def get_strategy(name: str) -> type[Strategy]:
         >>> get_strategy("lora").name
         'lora'
     """
-    _load_builtins()
-    if name not in _REGISTRY:
-        raise InputError(f"unknown strategy {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}.")
-    return _REGISTRY[name]
+    return _REGISTRY.get(name)
 
 
 __all__ = ["Strategy", "available_strategies", "get_strategy", "register_strategy"]

@@ -2,7 +2,8 @@
 
 The trainer sees only `trainable_parameters()`; it never knows which strategy it runs. A strategy
 never sees the CLI or the data; it knows how its weights enter a pipeline (`apply`, `load`), how they
-leave it (`remove`) and how they are written to one safetensors file (`save`).
+leave it (`remove`) and how they are written to one safetensors file (`save`). Which components it
+may train (the denoiser, the text encoders) it learns from the pipeline's model family.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from ..errors import InputError
 
 if TYPE_CHECKING:
     import torch
-    from diffusers import StableDiffusionPipeline
+
+    from ..families import Family
 
 
 @dataclasses.dataclass
@@ -34,7 +36,8 @@ class Strategy(ABC):
     name: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
     default_learning_rate: ClassVar[float] = 1e-4
-    # Components this strategy trains; set by `apply`.
+    # The pipeline's family and the components this strategy trains; set by `apply` and `load`.
+    family: type[Family] | None = None
     components: tuple[str, ...] = ()
 
     def __init__(self, **options: Any) -> None:
@@ -52,30 +55,31 @@ class Strategy(ABC):
         """The options as plain JSON-able values, for metadata."""
         return dataclasses.asdict(self.options)
 
-    def components_for(self, train_text_encoder: bool) -> tuple[str, ...]:
-        return ("unet", "text_encoder") if train_text_encoder else ("unet",)
+    def use(self, family: type[Family], train_text_encoder: bool) -> None:
+        """Record the family and which of its components this strategy trains (call first in `apply`)."""
+        self.family = family
+        self.train_text_encoder = train_text_encoder
+        self.components = family.components(train_text_encoder)
 
     @abstractmethod
-    def apply(self, pipe: StableDiffusionPipeline, *, train_text_encoder: bool) -> None:
+    def apply(self, pipe: Any, family: type[Family], *, train_text_encoder: bool) -> None:
         """Make the pipeline trainable in this strategy's way (before training)."""
 
     @abstractmethod
-    def trainable_parameters(self, pipe: StableDiffusionPipeline) -> dict[str, list[torch.nn.Parameter]]:
-        """The parameters to optimise, per component name ("unet", "text_encoder")."""
+    def trainable_parameters(self, pipe: Any) -> dict[str, list[torch.nn.Parameter]]:
+        """The parameters to optimise, per component name ("unet", "text_encoder", ...)."""
 
-    def finish(self, pipe: StableDiffusionPipeline) -> None:  # noqa: B027 - optional hook
+    def finish(self, pipe: Any) -> None:  # noqa: B027 - optional hook
         """Called after training succeeds: leave the pipeline ready for inference."""
 
     @abstractmethod
-    def remove(self, pipe: StableDiffusionPipeline) -> None:
+    def remove(self, pipe: Any) -> None:
         """Take this strategy's weights out again: the pipeline is the base model once more."""
 
     @abstractmethod
-    def save(
-        self, pipe: StableDiffusionPipeline, path: Path, metadata: dict[str, str], dtype: torch.dtype | None
-    ) -> None:
+    def save(self, pipe: Any, path: Path, metadata: dict[str, str], dtype: torch.dtype | None) -> None:
         """Write the trained weights to the safetensors file `path` (atomically), with `metadata`."""
 
     @abstractmethod
-    def load(self, pipe: StableDiffusionPipeline, path: Path) -> None:
+    def load(self, pipe: Any, family: type[Family], path: Path) -> None:
         """Put the weights of the file `path` into the pipeline (the inverse of `save`)."""

@@ -1,10 +1,10 @@
-"""Full fine-tuning, the paper's reference path: every UNet weight trains (the text encoder's too
+"""Full fine-tuning, the paper's reference path: every denoiser weight trains (the text encoders' too
 with `train_text_encoder`). The file holds the changed components' whole weights."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..adapter_file import tensors_by_component
 from ..errors import AdapterError
@@ -15,43 +15,41 @@ from .base import Strategy
 
 if TYPE_CHECKING:
     import torch
-    from diffusers import StableDiffusionPipeline
+
+    from ..families import Family
 
 
 @register_strategy
 class FullFineTune(Strategy):
-    """Train all weights of the UNet (and text encoder); the base weights are kept on CPU to restore."""
+    """Train all weights of the denoiser (and text encoders); the base weights are kept on CPU to restore."""
 
     name = "full"
     default_learning_rate = 5e-6  # the paper's Stable Diffusion setting
 
-    def apply(self, pipe: StableDiffusionPipeline, *, train_text_encoder: bool) -> None:
+    def apply(self, pipe: Any, family: type[Family], *, train_text_encoder: bool) -> None:
         import torch
 
-        self.train_text_encoder = train_text_encoder
-        self.components = self.components_for(train_text_encoder)
+        self.use(family, train_text_encoder)
         self._backup_base(pipe, self.components)
         for component in self.components:
             # Trainable weights stay fp32 even on an fp16 pipeline: AMP unscales only fp32 gradients.
             _cast(getattr(pipe, component), torch.float32)
 
-    def trainable_parameters(self, pipe: StableDiffusionPipeline) -> dict[str, list[torch.nn.Parameter]]:
+    def trainable_parameters(self, pipe: Any) -> dict[str, list[torch.nn.Parameter]]:
         return {component: list(getattr(pipe, component).parameters()) for component in self.components}
 
-    def finish(self, pipe: StableDiffusionPipeline) -> None:
+    def finish(self, pipe: Any) -> None:
         for component in self.components:
             _cast(getattr(pipe, component), self._dtypes[component])
 
-    def remove(self, pipe: StableDiffusionPipeline) -> None:
+    def remove(self, pipe: Any) -> None:
         for component, state in self._backup.items():
             module = getattr(pipe, component)
             module.load_state_dict(state)
             _cast(module, self._dtypes[component])
         self._backup = {}
 
-    def save(
-        self, pipe: StableDiffusionPipeline, path: Path, metadata: dict[str, str], dtype: torch.dtype | None
-    ) -> None:
+    def save(self, pipe: Any, path: Path, metadata: dict[str, str], dtype: torch.dtype | None) -> None:
         import torch
 
         tensors = {}
@@ -60,13 +58,13 @@ class FullFineTune(Strategy):
                 tensors[f"{component}.{key}"] = tensor.to("cpu", dtype or torch.float32)
         save_tensors(path, tensors, metadata)
 
-    def load(self, pipe: StableDiffusionPipeline, path: Path) -> None:
+    def load(self, pipe: Any, family: type[Family], path: Path) -> None:
         """Replace the components' weights by the file's; every check comes first, and a failure restores them."""
-        per_component = tensors_by_component(read_weights(path), path)
+        per_component = tensors_by_component(read_weights(path), path, family)
         for component, state in per_component.items():
             _check_state_fits(getattr(pipe, component), state, component, path)
-        self.components = tuple(per_component)
-        self.train_text_encoder = "text_encoder" in per_component
+        self.family, self.components = family, tuple(per_component)
+        self.train_text_encoder = len(per_component) > 1
         self._backup_base(pipe, self.components)
         try:
             for component, state in per_component.items():
@@ -77,7 +75,7 @@ class FullFineTune(Strategy):
             self.remove(pipe)
             raise
 
-    def _backup_base(self, pipe: StableDiffusionPipeline, components: tuple[str, ...]) -> None:
+    def _backup_base(self, pipe: Any, components: tuple[str, ...]) -> None:
         # A CPU copy is the only way back to the base model after every weight changed; it costs
         # host memory equal to the trained components (about 3.4 GB for SD 1.5's UNet in fp32).
         self._backup = {

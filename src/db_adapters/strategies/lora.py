@@ -1,8 +1,8 @@
-"""LoRA: low-rank peft layers on the UNet's attention projections (and the text encoder's).
+"""LoRA: low-rank peft layers on the denoiser's attention projections (and the text encoders').
 
-The file is diffusers' own LoRA format, written by `save_lora_weights`, so plain diffusers loads it
-with `pipe.load_lora_weights(path)`; it carries `lora_adapter_metadata` so a rank != alpha scale
-survives the round trip.
+The file is diffusers' own LoRA format, written by the pipeline class's `save_lora_weights` (the
+family knows how), so plain diffusers loads it with `pipe.load_lora_weights(path)`; it carries
+`lora_adapter_metadata` for every component so a rank != alpha scale survives the round trip.
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ import dataclasses
 import json
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..adapter_file import tensors_by_component
+from ..config import setting
 from ..errors import AdapterError, InputError
 from ..files import save_tensors
 from ..safe_reading import read_file_metadata, read_tensors, read_weights
@@ -22,10 +23,11 @@ from .base import Strategy
 
 if TYPE_CHECKING:
     import torch
-    from diffusers import StableDiffusionPipeline
+
+    from ..families import Family
 
 ADAPTER_NAME = "dreambooth"
-# The peers' choices (diffusers' train_dreambooth_lora.py): attention projections only.
+# The peers' choices (diffusers' train_dreambooth_lora.py and _sdxl.py): attention projections only.
 UNET_TARGETS = ("to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_v_proj")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
@@ -34,11 +36,15 @@ TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 class LoraOptions:
     """LoRA's options. `alpha` None means alpha = rank (scale 1), as in the peers' defaults."""
 
-    rank: int = 4
-    alpha: float | None = None
-    target_modules: list[str] | None = None
-    text_encoder_target_modules: list[str] | None = None
-    dropout: float = 0.0
+    rank: int = setting(4, "LoRA rank (4-64 is usual).")
+    alpha: float | None = setting(None, "LoRA alpha; the update is scaled by alpha / rank. None: alpha = rank.")
+    target_modules: list[str] | None = setting(
+        None, f"Denoiser modules to adapt, comma-separated; None: {','.join(UNET_TARGETS)}."
+    )
+    text_encoder_target_modules: list[str] | None = setting(
+        None, f"Text-encoder modules to adapt; None: {','.join(TEXT_ENCODER_TARGETS)}."
+    )
+    dropout: float = setting(0.0, "Dropout on the LoRA layers' input.")
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
@@ -84,48 +90,43 @@ class Lora(Strategy):
             target_modules=targets,
         )
 
-    def apply(self, pipe: StableDiffusionPipeline, *, train_text_encoder: bool) -> None:
+    def apply(self, pipe: Any, family: type[Family], *, train_text_encoder: bool) -> None:
         from peft import inject_adapter_in_model
 
-        self.train_text_encoder = train_text_encoder
-        self.components = self.components_for(train_text_encoder)
-        pipe.unet.add_adapter(self._lora_config(self.options.target_modules), adapter_name=ADAPTER_NAME)
-        if train_text_encoder:
+        self.use(family, train_text_encoder)
+        denoiser = getattr(pipe, family.denoiser)
+        denoiser.add_adapter(self._lora_config(self._targets(family.denoiser)), adapter_name=ADAPTER_NAME)
+        for name in self.components[1:]:
             # transformers 5's CLIPTextModel.add_adapter demands peft >= 0.22; peft's own injection
             # is what it would call, and works with the peft releases we support.
-            inject_adapter_in_model(
-                self._lora_config(self.options.text_encoder_target_modules), pipe.text_encoder, ADAPTER_NAME
-            )
+            inject_adapter_in_model(self._lora_config(self._targets(name)), getattr(pipe, name), ADAPTER_NAME)
         for params in self.trainable_parameters(pipe).values():
             for param in params:
                 # Trainable weights stay fp32 even on an fp16 pipeline: AMP unscales only fp32 gradients.
                 param.data = param.data.float()
 
-    def trainable_parameters(self, pipe: StableDiffusionPipeline) -> dict[str, list[torch.nn.Parameter]]:
+    def trainable_parameters(self, pipe: Any) -> dict[str, list[torch.nn.Parameter]]:
         return {
             component: [p for n, p in getattr(pipe, component).named_parameters() if ".lora_" in n]
             for component in self.components
         }
 
-    def finish(self, pipe: StableDiffusionPipeline) -> None:
+    def finish(self, pipe: Any) -> None:
         for params in self.trainable_parameters(pipe).values():
             for param in params:
                 param.requires_grad_(False)
 
-    def remove(self, pipe: StableDiffusionPipeline) -> None:
+    def remove(self, pipe: Any) -> None:
         pipe.unload_lora_weights()
 
-    def save(
-        self, pipe: StableDiffusionPipeline, path: Path, metadata: dict[str, str], dtype: torch.dtype | None
-    ) -> None:
-        from diffusers import StableDiffusionPipeline as Pipeline
+    def save(self, pipe: Any, path: Path, metadata: dict[str, str], dtype: torch.dtype | None) -> None:
         from peft.utils import get_peft_model_state_dict
 
         layers, configs = {}, {}
         for component in self.components:
             module = getattr(pipe, component)
             state = get_peft_model_state_dict(module, adapter_name=ADAPTER_NAME)
-            if component == "text_encoder":
+            if component != self.family.denoiser:
                 state = _with_text_model_prefix(state)
             layers[component] = {k: v.to("cpu", dtype) if dtype else v.to("cpu") for k, v in state.items()}
             config = self._lora_config(self._targets(component)).to_dict()
@@ -136,33 +137,27 @@ class Lora(Strategy):
         with tempfile.TemporaryDirectory(prefix=".db-adapters-", dir=Path(path).parent) as scratch:
             # diffusers writes its own key layout and `lora_adapter_metadata`; we add our metadata
             # beside them and move the file into place atomically.
-            Pipeline.save_lora_weights(
-                scratch,
-                unet_lora_layers=layers["unet"],
-                text_encoder_lora_layers=layers.get("text_encoder"),
-                unet_lora_adapter_metadata=configs["unet"],
-                text_encoder_lora_adapter_metadata=configs.get("text_encoder"),
-                weight_name="lora.safetensors",
-            )
+            self.family.save_lora_weights(pipe, scratch, layers, configs, weight_name="lora.safetensors")
             written = Path(scratch) / "lora.safetensors"
             save_tensors(path, read_tensors(written), {**read_file_metadata(written), **metadata})
 
-    def load(self, pipe: StableDiffusionPipeline, path: Path) -> None:
+    def load(self, pipe: Any, family: type[Family], path: Path) -> None:
         """Inject LoRA layers as `apply` does and fill them from the file; if it raises, the pipeline is unchanged.
 
         The file's weights are checked (keys, shapes, rank) against the layers `apply` would inject,
         then handed to peft as a state dict; the file itself never goes to `pipe.load_lora_weights`,
         whose fallback for a file safetensors cannot read is unpickling it.
         """
-        weights = tensors_by_component(read_weights(path), path)
+        weights = tensors_by_component(read_weights(path), path, family)
         _check_lora_metadata(read_file_metadata(path), path, self.options)
+        self.family = family
         # Checked against the layers `apply` would inject before any are, so a damaged file costs no
         # injection and cannot touch the pipeline; `_fill` checks again against the injected layers.
         for component, state in weights.items():
             expected = self._expected_shapes(getattr(pipe, component), component)
             _match_lora_state(state, expected, component, path, self.options.rank)
         try:
-            self.apply(pipe, train_text_encoder="text_encoder" in weights)
+            self.apply(pipe, family, train_text_encoder=len(weights) > 1)
             self._fill(pipe, weights, path)
         except BaseException as error:
             pipe.unload_lora_weights()
@@ -171,7 +166,7 @@ class Lora(Strategy):
             raise AdapterError(f"{str(path)!r} does not fit this pipeline's LoRA layers ({error}).") from None
         self.finish(pipe)
 
-    def _fill(self, pipe: StableDiffusionPipeline, weights: dict[str, dict[str, torch.Tensor]], path: Path) -> None:
+    def _fill(self, pipe: Any, weights: dict[str, dict[str, torch.Tensor]], path: Path) -> None:
         from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
         for component, state in weights.items():
@@ -199,7 +194,9 @@ class Lora(Strategy):
         return shapes
 
     def _targets(self, component: str) -> list[str]:
-        return self.options.target_modules if component == "unet" else self.options.text_encoder_target_modules
+        if component == self.family.denoiser:
+            return self.options.target_modules
+        return self.options.text_encoder_target_modules
 
 
 def _with_text_model_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,67 @@
+"""Stable Diffusion 1.x and 2.x: one CLIP text encoder, a UNet, epsilon or v-prediction.
+
+Serves `StableDiffusionPipeline` and its subclasses (text-to-image); img2img and inpainting pipelines
+are other classes and are not served.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..errors import InputError
+from . import register_family
+from .base import Conditioning, Family
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    import torch
+
+    from ..objectives import Objective
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+@register_family
+class StableDiffusion(Family):
+    """SD 1.x/2.x: the prompt's last hidden state conditions the UNet through cross-attention."""
+
+    name = "sd"
+    title = "Stable Diffusion 1.x/2.x (StableDiffusionPipeline)"
+
+    @classmethod
+    def serves(cls, pipe: Any) -> bool:
+        from diffusers import StableDiffusionPipeline
+
+        return isinstance(pipe, StableDiffusionPipeline)
+
+    @classmethod
+    def check(cls, pipe: Any) -> None:
+        super().check(pipe)
+        check_prediction_type(pipe)
+
+    @classmethod
+    def encode_prompt(cls, encoders: Mapping[str, torch.nn.Module], ids: Mapping[str, torch.Tensor]) -> Conditioning:
+        encoder = encoders["text_encoder"]
+        return {"encoder_hidden_states": encoder(ids["text_encoder"].to(encoder.device))[0]}  # (1, 77, D)
+
+    @classmethod
+    def predict(
+        cls, denoiser: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning
+    ) -> torch.Tensor:
+        return denoiser(noisy, timesteps, conditioning["encoder_hidden_states"]).sample
+
+    @classmethod
+    def objective(cls, pipe: Any, snr_gamma: float | None) -> Objective:
+        from ..objectives import DDPMObjective
+
+        return DDPMObjective(pipe.scheduler.config, snr_gamma)
+
+
+def check_prediction_type(pipe: Any) -> None:
+    """`InputError` unless the pipeline's scheduler predicts epsilon or v (the DDPM objectives we train)."""
+    prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
+    if prediction_type not in PREDICTION_TYPES:
+        raise InputError(
+            f"scheduler prediction_type {prediction_type!r} is not supported; use one of {PREDICTION_TYPES}."
+        )

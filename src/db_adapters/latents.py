@@ -1,0 +1,121 @@
+"""What the training loop trains on, computed once: encoded images, prompt ids and embeddings.
+
+The frozen VAE encodes every subject and class image once (kept as its Gaussian, so each step still
+samples fresh latents); prompts are tokenized once, and embedded once when the text encoders are
+frozen; per-image conditioning (SDXL's size and crop) is computed once from each image's geometry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .data import crop_geometry, image_batch
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from .families.base import Conditioning
+    from .plan import RunPlan
+
+
+@dataclass
+class LatentBank:
+    """Encoded images, kept as the VAE's Gaussian (mean, std): each step samples fresh latents."""
+
+    mean: torch.Tensor  # (N, C, h, w), float32
+    std: torch.Tensor  # (N, C, h, w), float32
+    scaling_factor: float
+    shift_factor: float = 0.0
+
+    def __len__(self) -> int:
+        return self.mean.shape[0]
+
+    def sample(self, indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        import torch
+
+        mean, std = self.mean[indices], self.std[indices]
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+        return (mean + std * noise.to(mean.device) - self.shift_factor) * self.scaling_factor
+
+
+@dataclass
+class TrainingHalf:
+    """One half of every batch (the subject's images, or the class images) and its prompt.
+
+    Attributes:
+        latents: the encoded images.
+        prompt_ids: the prompt's token ids per text encoder, each (1, L).
+        image_conditioning: per-image conditioning, each tensor (N, ...) (SDXL's time ids; else empty).
+        prompt_embeds: the prompt's conditioning (batch 1), when the text encoders are frozen.
+    """
+
+    latents: LatentBank
+    prompt_ids: dict[str, torch.Tensor]
+    image_conditioning: Conditioning = field(default_factory=dict)
+    prompt_embeds: Conditioning | None = None
+
+
+@dataclass
+class TrainingSet:
+    """The instance half, and the class half when prior preservation is on."""
+
+    instance: TrainingHalf
+    prior: TrainingHalf | None = None
+
+
+def encode_images(vae: Any, pixels: torch.Tensor, batch_size: int = 8) -> LatentBank:
+    """Encode (N, 3, H, W) pixels in [-1, 1] once, with the frozen VAE."""
+    import torch
+
+    means, stds = [], []
+    with torch.no_grad():
+        for start in range(0, pixels.shape[0], batch_size):
+            batch = pixels[start : start + batch_size].to(vae.device, vae.dtype)
+            dist = vae.encode(batch).latent_dist
+            means.append(dist.mean.float().cpu())
+            stds.append(dist.std.float().cpu())
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return LatentBank(torch.cat(means), torch.cat(stds), float(vae.config.scaling_factor), float(shift))
+
+
+def training_set(pipe: Any, plan: RunPlan, prior: list[Image.Image]) -> TrainingSet:
+    """Encode the subject's images (both orientations with `random_flip`) and the class images once.
+
+    Args:
+        pipe (`DiffusionPipeline`): the frozen base pipeline.
+        plan (`RunPlan`): the run's resolved settings and inputs.
+        prior (`list[PIL.Image]`): the class images; empty without prior preservation.
+
+    Example:
+        >>> data = training_set(pipe, plan, prior=[])  # doctest: +SKIP
+    """
+    config = plan.config
+    subject = list(plan.subject)
+    if config.random_flip:
+        subject = subject + subject
+    flips = [False] * len(plan.subject) + [True] * (len(subject) - len(plan.subject))
+    data = TrainingSet(instance=_half(pipe, plan, subject, plan.instance_prompt, flips))
+    if prior:
+        data.prior = _half(pipe, plan, prior, plan.class_prompt, [False] * len(prior))
+    return data
+
+
+def _half(pipe: Any, plan: RunPlan, images: list[Image.Image], prompt: str, flips: list[bool]) -> TrainingHalf:
+    import torch
+
+    family, resolution = plan.family, plan.config.resolution
+    pixels = torch.cat([image_batch([image], resolution, flip=flip) for image, flip in zip(images, flips, strict=True)])
+    geometries = [crop_geometry(image, resolution) for image in images]
+    half = TrainingHalf(
+        latents=encode_images(pipe.vae, pixels),
+        prompt_ids=family.prompt_ids(pipe, prompt),
+        image_conditioning=family.image_conditioning(geometries, resolution),
+    )
+    if not plan.config.train_text_encoder:
+        encoders = {name: getattr(pipe, name) for name in family.text_encoders}
+        with torch.no_grad():
+            embeds = family.encode_prompt(encoders, half.prompt_ids)
+        half.prompt_embeds = {key: value.float() for key, value in embeds.items()}
+    return half

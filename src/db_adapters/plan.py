@@ -1,0 +1,175 @@
+"""The run plan: every setting of one `personalize` run, resolved once, before anything is trained.
+
+Defaults that depend on the pipeline (resolution, mixed precision, the model folder's recommended
+steps and learning rate), on the strategy (learning rate) or on the binder (identifier, prompts) are
+decided here and nowhere else; the prior, the trainer, previews and checkpoints read the plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from . import binder
+from .config import DEFAULT_CLASS_INFERENCE_STEPS, DEFAULT_NUM_CLASS_IMAGES, DEFAULT_STEPS, TrainConfig
+from .data import check_image_sizes, load_images
+from .errors import InputError
+from .families import Family, family_of
+from .pipelines import architecture_fingerprint, model_id, recommended_settings, weights_fingerprint
+from .strategies import Strategy, get_strategy
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+logger = logging.getLogger("db_adapters")
+
+# What each pipeline dtype trains under when mixed_precision is left unset.
+_MATCHING_PRECISION = {"float32": "no", "float16": "fp16", "bfloat16": "bf16"}
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """One run, fully resolved: the family and strategy, the inputs, and a `TrainConfig` with no open defaults.
+
+    Attributes:
+        family: the pipeline's model family.
+        strategy: the strategy instance (options validated).
+        config: the settings, with steps, learning rates, class-image count and steps, guidance,
+            resolution and mixed precision filled in.
+        subject: the subject's images, loaded.
+        class_images: the user's own class images, loaded (empty if none were given).
+        class_noun, identifier, instance_prompt, class_prompt: the prompts' parts.
+        base_model: the base model's id and fingerprints (stored in the adapter file).
+        device: where the pipeline is, so where training runs.
+    """
+
+    family: type[Family]
+    strategy: Strategy
+    config: TrainConfig
+    subject: list[Image.Image]
+    class_images: list[Image.Image]
+    class_noun: str
+    identifier: str
+    instance_prompt: str
+    class_prompt: str
+    base_model: dict[str, str]
+    device: torch.device
+
+    @property
+    def text_encoder_learning_rate(self) -> float:
+        return self.config.text_encoder_learning_rate or self.config.learning_rate
+
+
+def make_plan(
+    pipe: Any,
+    images: Any,
+    class_noun: str,
+    *,
+    class_images: Any = None,
+    strategy: str = "lora",
+    settings: dict[str, Any],
+) -> RunPlan:
+    """Check every input and resolve every default of a `personalize` call (see its docstring for the args)."""
+    family = family_of(pipe)
+    class_noun = binder.validate_class_noun(class_noun)
+    config_settings = {k: settings.pop(k) for k in list(settings) if k in TrainConfig.field_names()}
+    chosen = get_strategy(strategy)(**settings)  # the rest are the strategy's options; it rejects others
+    config = TrainConfig(**config_settings)
+    config = _resolve_defaults(pipe, family, chosen, config)
+    subject = load_images(images, name="images")
+    check_image_sizes(subject, config.resolution, name="images")
+    given = load_images(class_images, name="class_images") if class_images is not None else []
+    identifier = _identifier(pipe, family, config, class_noun)
+    instance_prompt = config.instance_prompt or binder.instance_prompt(identifier, class_noun)
+    if identifier not in instance_prompt.split():
+        logger.warning("instance_prompt %r does not contain the identifier %r.", instance_prompt, identifier)
+    denoiser = getattr(pipe, family.denoiser)
+    return RunPlan(
+        family=family,
+        strategy=chosen,
+        config=config,
+        subject=subject,
+        class_images=given,
+        class_noun=class_noun,
+        identifier=identifier,
+        instance_prompt=instance_prompt,
+        class_prompt=config.class_prompt or binder.class_prompt(class_noun),
+        base_model={
+            "model_id": model_id(pipe),
+            "family": family.name,
+            "architecture": architecture_fingerprint(pipe),
+            "weights": weights_fingerprint(pipe),
+        },
+        device=denoiser.device,
+    )
+
+
+def _resolve_defaults(pipe: Any, family: type[Family], strategy: Strategy, config: TrainConfig) -> TrainConfig:
+    recommended = recommended_settings(pipe)
+
+    def pick(name: str, fallback: Any) -> Any:
+        value = getattr(config, name)
+        return value if value is not None else recommended.get(name, fallback)
+
+    learning_rate = pick("learning_rate", strategy.default_learning_rate)
+    return dataclasses.replace(
+        config,
+        steps=pick("steps", DEFAULT_STEPS),
+        learning_rate=learning_rate,
+        text_encoder_learning_rate=config.text_encoder_learning_rate or learning_rate,
+        num_class_images=pick("num_class_images", DEFAULT_NUM_CLASS_IMAGES),
+        class_inference_steps=pick("class_inference_steps", DEFAULT_CLASS_INFERENCE_STEPS),
+        class_guidance_scale=_class_guidance(pipe, config.class_guidance_scale),
+        resolution=config.resolution or family.native_resolution(pipe),
+        mixed_precision=resolve_mixed_precision(config.mixed_precision, getattr(pipe, family.denoiser).dtype),
+    )
+
+
+def resolve_mixed_precision(requested: str | None, dtype: torch.dtype) -> str:
+    """The autocast a run uses: `requested`, or the one matching the pipeline's dtype when None.
+
+    fp16 pipeline -> "fp16" (autocast with a gradient scaler), bf16 -> "bf16", fp32 -> "no";
+    trainable weights are fp32 in every case. A half-precision pipeline under another autocast (or
+    none) would train on half weights without a scaler, or mix fp16 and bf16: refused.
+
+    Args:
+        requested (`str | None`): "no", "fp16", "bf16", or None to match the pipeline.
+        dtype (`torch.dtype`): the denoiser's dtype.
+
+    Example:
+        >>> import torch
+        >>> resolve_mixed_precision(None, torch.bfloat16)
+        'bf16'
+    """
+    name = str(dtype).removeprefix("torch.")
+    matching = _MATCHING_PRECISION.get(name)
+    if matching is None:
+        raise InputError(f"the pipeline's denoiser is in {name}; load it in float32, float16 or bfloat16.")
+    if requested is None:
+        return matching
+    if name != "float32" and requested != matching:
+        raise InputError(
+            f"mixed_precision={requested!r} cannot train a pipeline loaded in {name} (torch_dtype / --dtype); "
+            f"use mixed_precision={matching!r} (or leave it unset to match), or load the pipeline in float32."
+        )
+    return requested
+
+
+def _class_guidance(pipe: Any, requested: float | None) -> float:
+    if requested is not None:
+        return float(requested)
+    # The pipeline's own default (7.5 for SD, 5.0 for SDXL): what `pipe(prompt)` would use.
+    parameter = inspect.signature(pipe.__call__).parameters.get("guidance_scale")
+    default = parameter.default if parameter is not None else None
+    return float(default) if isinstance(default, int | float) else 7.5
+
+
+def _identifier(pipe: Any, family: type[Family], config: TrainConfig, class_noun: str) -> str:
+    tokenizers = family.tokenizer_list(pipe)
+    if config.identifier is None:
+        return binder.choose_identifier(tokenizers, class_noun, seed=config.seed)
+    return binder.validate_identifier(tokenizers, config.identifier, class_noun, strict=config.strict)
