@@ -60,8 +60,12 @@ def _one_line(error: BaseException) -> str:
     return text or type(error).__name__
 
 
-def load_pipeline(model: str, device: str | None) -> Any:
-    """Load a diffusers pipeline from a local folder or hub id (safetensors only) onto `device`."""
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+_DTYPE_HELP = "Load the model in this dtype (fp16/bf16 halve its memory; training then autocasts to match)."
+
+
+def load_pipeline(model: str, device: str | None, dtype: str = "fp32") -> Any:
+    """Load a diffusers pipeline from a local folder or hub id (safetensors only) onto `device`, in `dtype`."""
     import diffusers.utils.logging
     import torch
     import transformers.utils.logging
@@ -86,7 +90,9 @@ def load_pipeline(model: str, device: str | None) -> Any:
         raise InputError(f"--model {model!r} is not a diffusers pipeline folder (it has no model_index.json).")
     try:
         # use_safetensors=True: never unpickle weights; a .bin-only model is refused.
-        pipe = DiffusionPipeline.from_pretrained(model, use_safetensors=True, safety_checker=None)
+        pipe = DiffusionPipeline.from_pretrained(
+            model, use_safetensors=True, safety_checker=None, torch_dtype=getattr(torch, DTYPES[dtype])
+        )
     except (OSError, ValueError) as error:
         raise InputError(
             f"--model {model!r} could not be loaded ({_one_line(error)[:200]}); pass a local diffusers folder, "
@@ -155,60 +161,76 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:  #
     return f"Warning: {message}\n"
 
 
+def _settings_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Add one option per training setting and strategy option, with the help text written beside its field."""
+    from dataclasses import fields
+
+    from .config import TrainConfig
+    from .strategies import available_strategies, get_strategy
+
+    specs = [spec for spec in fields(TrainConfig) if spec.metadata.get("cli", True)]
+    seen = {spec.name for spec in specs}
+    for name in available_strategies():
+        for spec in fields(get_strategy(name).Options):
+            if spec.name not in seen:  # an option several strategies share (rank) is offered once
+                seen.add(spec.name)
+                specs.append(spec)
+    for spec in reversed(specs):
+        command = click.option(*_option_declaration(spec), **_option_settings(spec))(command)
+    return command
+
+
+def _option_declaration(spec: Any) -> list[str]:
+    flag = spec.metadata.get("flag") or "--" + spec.name.replace("_", "-")
+    if _base_type(spec) == "bool" and spec.default is True:
+        return [f"{flag}/--no-{flag.removeprefix('--')}", spec.name]
+    return [flag, spec.name]
+
+
+def _option_settings(spec: Any) -> dict[str, Any]:
+    from .config import help_text
+
+    kind = _base_type(spec)
+    settings: dict[str, Any] = {"help": help_text(spec), "default": None}
+    if kind == "bool":
+        settings.update(default=spec.default, is_flag=True)
+    elif spec.metadata.get("choices"):
+        settings["type"] = click.Choice(list(spec.metadata["choices"]))
+    elif kind.startswith("tuple["):
+        settings["multiple"] = True
+    elif kind in ("int", "float"):
+        settings["type"] = {"int": int, "float": float}[kind]
+    return settings
+
+
+def _base_type(spec: Any) -> str:
+    # Annotations are strings here (postponed evaluation); "int | None" -> "int".
+    parts = [part.strip() for part in str(spec.type).split("|") if part.strip() != "None"]
+    return parts[0] if parts else "str"
+
+
 @main.command()
 @click.option("--model", default=None, help="Local diffusers folder or hub id (default: the shipped toy base model).")
 @click.option("--images", required=True, help="Folder of 3-5 photos of the subject.")
 @click.option("--class-noun", required=True, help='The subject\'s class, e.g. "dog".')
 @click.option("--output", required=True, type=click.Path(dir_okay=False), help="Adapter file (.safetensors).")
 @click.option("--strategy", default="lora", show_default=True, help="Registered strategy: lora, full, ...")
-@click.option("--identifier", default=None, help="Rare token for the subject; chosen for you if left out.")
-@click.option("--instance-prompt", default=None, help='Default "a {identifier} {class noun}".')
-@click.option("--class-prompt", default=None, help='Default "a {class noun}".')
-@click.option("--steps", type=int, default=None, help="Optimiser steps (default 800; the toy model recommends 300).")
-@click.option("--learning-rate", type=float, default=None, help="Default: LoRA 1e-4, full 5e-6 (toy model: 1e-3).")
-@click.option("--text-encoder-learning-rate", type=float, default=None)
-@click.option("--batch-size", type=int, default=1, show_default=True)
-@click.option("--gradient-accumulation-steps", type=int, default=1, show_default=True)
-@click.option("--prior-preservation/--no-prior-preservation", default=True, show_default=True)
-@click.option("--num-class-images", type=int, default=None, help="Class images (default 200; toy model: 32).")
-@click.option("--prior-loss-weight", type=float, default=1.0, show_default=True)
 @click.option("--class-images", default=None, help="Folder of your own class images (topped up if too few).")
-@click.option("--train-text-encoder", is_flag=True)
-@click.option("--resolution", type=int, default=None, help="Default: the model's native size.")
-@click.option("--snr-gamma", type=float, default=None)
-@click.option("--noise-offset", type=float, default=0.0, show_default=True)
-@click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default=None)
-@click.option("--use-8bit-adam", is_flag=True)
-@click.option("--gradient-checkpointing", is_flag=True)
-@click.option("--lr-scheduler", default="constant", show_default=True)
-@click.option("--lr-warmup-steps", type=int, default=0, show_default=True)
-@click.option("--max-grad-norm", type=float, default=1.0, show_default=True)
-@click.option("--validation-prompt", "validation_prompts", multiple=True, help='Preview prompt; "{id}" ok.')
-@click.option("--validation-every", type=int, default=None)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--output-dir", default=None, help="The run's files: class-image cache, previews, checkpoints.")
-@click.option(
-    "--checkpoint-every",
-    type=int,
-    default=None,
-    help="Save the training state to OUTPUT_DIR/checkpoints every N steps.",
-)
-@click.option("--keep-checkpoints", type=int, default=2, show_default=True, help="Keep the newest K checkpoints.")
-@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in OUTPUT_DIR/checkpoints.")
-@click.option("--class-image-dir", default=None, help="Class-image cache (default: OUTPUT_DIR/class_images).")
-@click.option("--random-flip", is_flag=True)
-@click.option("--class-sampler", default="dpmsolver++", show_default=True)
-@click.option("--class-inference-steps", type=int, default=25, show_default=True)
-@click.option("--rank", type=int, default=None, help="LoRA rank (default 4).")
-@click.option("--alpha", type=float, default=None, help="LoRA alpha (default = rank).")
-@click.option("--target-modules", default=None, help="LoRA UNet modules, comma-separated.")
-@click.option("--dropout", type=float, default=None, help="LoRA dropout.")
-@click.option("--strict", is_flag=True, help="A questionable --identifier is an error, not a warning.")
 @click.option("--save-dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp32", show_default=True, help=_DTYPE_HELP)
 @click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available).")
+@_settings_options
 @friendly_errors
 def train(
-    model: str, images: str, class_noun: str, output: str, device: str | None, save_dtype: str, **kw: Any
+    model: str,
+    images: str,
+    class_noun: str,
+    output: str,
+    class_images: str | None,
+    device: str | None,
+    dtype: str,
+    save_dtype: str,
+    **settings: Any,
 ) -> None:
     """Personalize a pipeline on a folder of subject photos and save the adapter."""
     from .adapter_file import check_output_path
@@ -221,14 +243,11 @@ def train(
     # Cheap checks first: a typo in --images should not wait for a multi-GB model to load.
     subject = load_images(images, name="--images")
     class_noun = validate_class_noun(class_noun)
-    if kw["class_images"] is not None:
-        kw["class_images"] = load_images(kw["class_images"], name="--class-images")
-    strategy_options = {k: kw.pop(k) for k in ("rank", "alpha", "target_modules", "dropout") if kw[k] is not None}
-    for key in ("rank", "alpha", "target_modules", "dropout"):
-        kw.pop(key, None)
-    kw["validation_prompts"] = list(kw["validation_prompts"]) or None
-    pipe = load_pipeline(model, device) if model else load_toy_base(device)
-    adapter = personalize(pipe, subject, class_noun, **kw, **strategy_options)
+    given = load_images(class_images, name="--class-images") if class_images is not None else None
+    # Options left out are left to `personalize`, which resolves every default once.
+    settings = {key: value for key, value in settings.items() if value not in (None, ())}
+    pipe = load_pipeline(model, device, dtype) if model else load_toy_base(device, dtype=dtype)
+    adapter = personalize(pipe, subject, class_noun, class_images=given, **settings)
     adapter.save(output_path, dtype=save_dtype)
     if not processes(pipe.device).is_main:
         return  # under torchrun / accelerate launch the main process wrote the file and reports it
@@ -246,6 +265,9 @@ def train(
 @click.option("--steps", type=int, default=25, show_default=True)
 @click.option("--guidance-scale", type=float, default=7.5, show_default=True)
 @click.option("--lora-scale", type=float, default=1.0, show_default=True, help="LoRA strength.")
+@click.option(
+    "--dtype", type=click.Choice(list(DTYPES)), default="fp32", show_default=True, help="Load the model in this dtype."
+)
 @click.option("--device", default=None)
 @click.option("--output", required=True, type=click.Path(dir_okay=False), help="PNG grid of the images.")
 @friendly_errors
@@ -259,6 +281,7 @@ def generate(
     steps: int,
     guidance_scale: float,
     lora_scale: float,
+    dtype: str,
     device: str | None,
     output: str,
 ) -> None:
@@ -268,7 +291,7 @@ def generate(
     output_path = check_png_path(output)
     if num_images <= 0 or steps <= 0:
         raise InputError("--num-images and --steps must be positive integers.")
-    pipe = load_pipeline(model, device)
+    pipe = load_pipeline(model, device, dtype)
     identifier = None
     if adapter_path is not None:
         from .adapter import load_adapter
@@ -291,7 +314,7 @@ def generate(
     click.echo(f"wrote {output_path} ({num_images} image(s) of {text!r})")
 
 
-def load_toy_base(device: str | None, folder: str | None = None) -> Any:
+def load_toy_base(device: str | None, folder: str | None = None, dtype: str = "fp32") -> Any:
     """The shipped toy base model (or a toy model folder), as `--model`'s default."""
     from .toy.base import base_dir
 
@@ -299,7 +322,7 @@ def load_toy_base(device: str | None, folder: str | None = None) -> Any:
         raise InputError(
             "this install ships no toy base model yet; pass --model, or train one with examples/train_toy_base.py."
         )
-    return load_pipeline(str(folder or base_dir()), device or "cpu")
+    return load_pipeline(str(folder or base_dir()), device or "cpu", dtype)
 
 
 @main.command()

@@ -27,7 +27,9 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 CLASS_SAMPLERS = ("dpmsolver++", "ddim", "euler", "ddpm", "pipeline")
 
 
-def setting(default: Any, help: str, *, cli: bool = True, choices: tuple[str, ...] | None = None) -> Any:
+def setting(
+    default: Any, help: str, *, cli: bool = True, choices: tuple[str, ...] | None = None, flag: str | None = None
+) -> Any:
     """A dataclass field with its help text (shown by `help(personalize)` and `db-adapt train --help`).
 
     Args:
@@ -35,6 +37,7 @@ def setting(default: Any, help: str, *, cli: bool = True, choices: tuple[str, ..
         help (`str`): one sentence: what it does and, where it helps, its usual values.
         cli (`bool`): whether `db-adapt train` offers it as an option.
         choices (`tuple[str, ...] | None`): the allowed values, for the CLI's choice list.
+        flag (`str | None`): the CLI option's name when it is not the field's (`--validation-prompt`).
 
     Example:
         >>> from dataclasses import dataclass, fields
@@ -44,7 +47,7 @@ def setting(default: Any, help: str, *, cli: bool = True, choices: tuple[str, ..
         >>> fields(Options)[0].metadata["help"]
         'LoRA rank.'
     """
-    return field(default=default, metadata={"help": help, "cli": cli, "choices": choices})
+    return field(default=default, metadata={"help": help, "cli": cli, "choices": choices, "flag": flag})
 
 
 def help_text(spec: Field) -> str:
@@ -96,7 +99,7 @@ class TrainConfig:
     lr_warmup_steps: int = setting(0, "Warmup steps of the learning-rate schedule.")
     max_grad_norm: float = setting(1.0, "Gradient clipping norm.")
     validation_prompts: tuple[str, ...] | None = setting(
-        None, 'Preview prompts rendered during training; "{id}" becomes the identifier.'
+        None, 'Preview prompts rendered during training; "{id}" becomes the identifier.', flag="--validation-prompt"
     )
     validation_every: int | None = setting(None, "Render previews every N steps into output_dir/previews.")
     validation_steps: int = setting(25, "Sampler steps of each preview.")
