@@ -150,3 +150,41 @@ def small_toy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # What a model trained this briefly can usefully recommend: few steps, few class images.
     (folder / "db_adapters.json").write_text(json.dumps({"steps": 4, "learning_rate": 1e-3, "num_class_images": 2}))
     return folder
+
+
+def fixed_instance_loss(pipe, images, prompt: str) -> float:
+    """The instance loss on fixed latents, noise and timesteps: comparable before and after training.
+
+    Computed through the pipeline's family (its conditioning, denoiser call and objective), so it is
+    the loss training minimises, for any family.
+    """
+    import torch
+
+    from db_adapters.data import crop_geometry, image_batch
+    from db_adapters.families import family_of
+    from db_adapters.latents import encode_images
+
+    family = family_of(pipe)
+    resolution = family.native_resolution(pipe)
+    bank = encode_images(pipe.vae, image_batch(images, resolution))
+    latents = (bank.mean * bank.scaling_factor).repeat(4, 1, 1, 1)
+    generator = torch_generator(1234)
+    objective = family.objective(pipe, None)
+    noise = torch.randn(latents.shape, generator=generator)
+    timesteps = objective.sample_timesteps(latents.shape[0], generator)
+    encoders = {name: getattr(pipe, name) for name in family.text_encoders}
+    with torch.no_grad():
+        prompt_cond = family.encode_prompt(encoders, family.prompt_ids(pipe, prompt))
+        conditioning = {k: v.expand(latents.shape[0], *v.shape[1:]) for k, v in prompt_cond.items()}
+        per_image = family.image_conditioning([crop_geometry(i, resolution) for i in images], resolution)
+        conditioning |= {k: v.repeat(4, *[1] * (v.ndim - 1)) for k, v in per_image.items()}
+        noisy = objective.add_noise(latents, noise, timesteps)
+        prediction = family.predict(getattr(pipe, family.denoiser), noisy, timesteps, conditioning)
+    target = objective.target(latents, noise, timesteps)
+    return torch.nn.functional.mse_loss(prediction, target).item()
+
+
+def torch_generator(seed: int):
+    import torch
+
+    return torch.Generator().manual_seed(seed)

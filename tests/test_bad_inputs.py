@@ -384,7 +384,7 @@ ROWS = [
         img2img),
     Row("pipeline: already carries an adapter", "personalize", AdapterError, "already carries the adapter",
         lambda e: train(e, pipeline=e.trained["pipe"])),
-    Row("pipeline: carries the user's own LoRA", "personalize", AdapterError, "already has LoRA adapters ['style']",
+    Row("pipeline: carries the user's own LoRA", "personalize", AdapterError, "already carries LoRA layers (style)",
         users_own_lora),
     # Saving.
     Row("output: not .safetensors", "Adapter.save", InputError, "must end in .safetensors",

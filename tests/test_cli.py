@@ -51,8 +51,24 @@ def trained_adapter(tiny_dir, tmp_path_factory) -> Path:
     return out
 
 
-def test_train_writes_an_adapter(trained_adapter):
-    assert trained_adapter.stat().st_size > 0
+def test_train_writes_an_adapter(trained_adapter, tiny_dir):
+    from db_adapters.adapter_file import unpack_metadata
+    from db_adapters.safe_reading import read_file_metadata, read_tensors
+
+    header = read_file_metadata(trained_adapter)
+    info = unpack_metadata(header, trained_adapter)
+    assert info["strategy"] == "lora" and info["class_noun"] == "dog" and info["steps"] == 3
+    assert info["strategy_config"]["rank"] == 2 and info["strategy_config"]["alpha"] == 4
+    assert info["instance_prompt"] == f"a {info['identifier']} dog"
+    assert info["base_model"]["family"] == "sd" and info["base_model"]["model_id"] == str(tiny_dir)
+    # diffusers' own record, for plain load_lora_weights: rank 2, alpha 4.
+    lora_metadata = json.loads(header["lora_adapter_metadata"])
+    assert lora_metadata["unet.r"] == 2 and lora_metadata["unet.lora_alpha"] == 4
+    tensors = read_tensors(trained_adapter)
+    assert tensors and all(key.startswith("unet.") and ".lora_" in key for key in tensors)
+    down = [t for k, t in tensors.items() if "lora_A" in k]
+    assert down and all(t.shape[0] == 2 for t in down)  # rank 2
+    assert any(t.abs().sum() > 0 for k, t in tensors.items() if "lora_B" in k)  # trained, not the zero init
 
 
 def test_inspect_prints_metadata(trained_adapter):

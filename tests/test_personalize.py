@@ -2,30 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
-from conftest import render_np
+from conftest import fixed_instance_loss, render_np
 
 from db_adapters import AdapterError, InputError, personalize, unload_adapter
 from db_adapters.data import image_batch
 from db_adapters.testing import tiny_pipeline
-from db_adapters.trainer import encode_images, encode_prompt, prompt_ids
-
-
-def fixed_instance_loss(pipe, images, prompt: str) -> float:
-    """The instance loss on fixed latents, noise and timesteps: comparable before and after training."""
-    from diffusers import DDPMScheduler
-
-    bank = encode_images(pipe, image_batch(images, 32))
-    latents = (bank.mean * bank.scaling_factor).repeat(4, 1, 1, 1)
-    generator = torch.Generator().manual_seed(1234)
-    noise = torch.randn(latents.shape, generator=generator)
-    timesteps = torch.randint(0, 1000, (latents.shape[0],), generator=generator)
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    with torch.no_grad():
-        embeds = encode_prompt(pipe.text_encoder, prompt_ids(pipe, prompt)).expand(latents.shape[0], -1, -1)
-        pred = pipe.unet(scheduler.add_noise(latents, noise, timesteps), timesteps, embeds).sample
-    return torch.nn.functional.mse_loss(pred, noise).item()
 
 
 def assert_instance_loss_fell(pipe, images, prompt: str) -> None:
@@ -164,12 +149,30 @@ def test_a_users_own_lora_is_not_trained_over(subject_images, tmp_path, fast):
         personalize(pipe, subject_images, "dog", output_dir=tmp_path, **fast)
 
 
-def test_sd2_style_v_prediction_pipeline_trains(subject_images, tmp_path, fast):
+def test_sd2_style_v_prediction_pipeline_trains(subject_images, tmp_path, fast, monkeypatch):
+    from db_adapters.objectives import DDPMObjective
+
     pipe = tiny_pipeline(v_prediction=True)
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     assert pipe.unet.config.use_linear_projection
+    targets = []
+    original = DDPMObjective.target
+
+    def recording(self, latents, noise, timesteps):
+        target = original(self, latents, noise, timesteps)
+        targets.append((latents, noise, timesteps, target))
+        return target
+
+    monkeypatch.setattr(DDPMObjective, "target", recording)
     adapter = personalize(pipe, subject_images, "dog", snr_gamma=5.0, output_dir=tmp_path, **fast)
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in adapter.history)
+    assert len(targets) == 2 * fast["steps"]  # instance and prior half, every step
+    alphas = pipe.scheduler.alphas_cumprod
+    for latents, noise, timesteps, target in targets:
+        # v = sqrt(alpha_bar_t) * noise - sqrt(1 - alpha_bar_t) * x_0, by hand from the pipeline's schedule
+        a = alphas[timesteps].reshape(-1, 1, 1, 1)
+        assert torch.allclose(target, a.sqrt() * noise - (1 - a).sqrt() * latents, atol=1e-5)
+        assert not torch.allclose(target, noise)
 
 
 def test_no_prior_preservation_logs_only_the_instance_term(subject_images, tmp_path, fast):
@@ -178,50 +181,127 @@ def test_no_prior_preservation_logs_only_the_instance_term(subject_images, tmp_p
     assert not (tmp_path / "class_images").exists()
 
 
-def test_options_callback_previews_and_schedule(subject_images, tmp_path, fast):
+OPTIONS = {
+    "gradient_accumulation_steps": 2,
+    "batch_size": 2,
+    "lr_scheduler": "linear",
+    "lr_warmup_steps": 2,
+    "learning_rate": 1e-3,
+}
+
+
+def test_options_callback_previews_and_schedule(subject_images, tmp_path, fast, monkeypatch):
+    import torch.utils.checkpoint
+
+    from db_adapters import latents
+
+    checkpointed, training_sets = [], []
+    real_checkpoint, real_training_set = torch.utils.checkpoint.checkpoint, latents.training_set
+
+    def counting_checkpoint(*args, **kwargs):
+        checkpointed.append(1)
+        return real_checkpoint(*args, **kwargs)
+
+    def recording_training_set(*args, **kwargs):
+        training_sets.append(real_training_set(*args, **kwargs))
+        return training_sets[-1]
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting_checkpoint)
+    monkeypatch.setattr("db_adapters.api.training_set", recording_training_set)
     seen = []
     fast["steps"] = 6
     adapter = personalize(
         tiny_pipeline(),
         subject_images,
         "dog",
-        output_dir=tmp_path,
+        output_dir=tmp_path / "a",
         callback=lambda s, logs: seen.append(s),
-        gradient_accumulation_steps=2,
-        batch_size=2,
         gradient_checkpointing=True,
         noise_offset=0.1,
-        lr_scheduler="linear",
-        lr_warmup_steps=2,
-        learning_rate=1e-3,
         random_flip=True,
         validation_prompts=["a {id} dog"],
         validation_every=3,
         validation_steps=2,
+        **OPTIONS,
         **fast,
     )
     assert seen == [1, 2, 3, 4, 5, 6]
     lrs = [h["lr"] for h in adapter.history]
     # Two warmup steps, then linear decay to 0; accumulation must not advance the schedule per micro-batch.
     assert lrs[:2] == pytest.approx([0.5e-3, 1e-3]) and lrs[-1] == pytest.approx(0.0)
-    previews = sorted(p.name for p in (tmp_path / "previews").iterdir())
+    previews = sorted(p.name for p in (tmp_path / "a" / "previews").iterdir())
     assert previews == ["step_000003_0.png", "step_000006_0.png"]
+    # Checkpointing was on during the steps: the UNet's blocks ran through torch.utils.checkpoint.
+    assert len(checkpointed) >= 6 * 2
+    # random_flip: the subject is encoded in both orientations, the second half mirrored.
+    instance = training_sets[0].instance.latents
+    assert len(instance) == 2 * len(subject_images)
+    flipped = latents.encode_images(tiny_pipeline().vae, image_batch(subject_images, 32, flip=True))
+    assert torch.allclose(instance.mean[len(subject_images) :], flipped.mean, atol=1e-5)
+    assert not torch.allclose(instance.mean[: len(subject_images)], flipped.mean, atol=1e-3)
+
+    # noise_offset changed the noise: the same run without it has other losses from the first step.
+    checkpointed.clear()
+    plain = personalize(
+        tiny_pipeline(), subject_images, "dog", output_dir=tmp_path / "b", random_flip=True, **OPTIONS, **fast
+    )
+    assert not checkpointed  # and without gradient_checkpointing, nothing is checkpointed
+    assert plain.history[0]["loss"] != adapter.history[0]["loss"]
 
 
 def test_bf16_mixed_precision_keeps_trainable_weights_fp32(subject_images, tmp_path, fast):
-    pipe = tiny_pipeline()
+    # A pipeline loaded in bf16 (torch_dtype=torch.bfloat16), mixed_precision left unset: bf16 autocast.
+    pipe = tiny_pipeline().to(dtype=torch.bfloat16)
     dtypes = []
-    from db_adapters import get_strategy
 
     def check(step, logs):
         params = [p for n, p in pipe.unet.named_parameters() if ".lora_" in n]
         dtypes.extend({p.dtype for p in params})
 
-    adapter = personalize(
-        pipe, subject_images, "dog", mixed_precision="bf16", callback=check, output_dir=tmp_path, **fast
-    )
+    adapter = personalize(pipe, subject_images, "dog", callback=check, output_dir=tmp_path, **fast)
     assert set(dtypes) == {torch.float32}
-    assert get_strategy("lora") is type(adapter.strategy)
+    assert all(math.isfinite(h["loss"]) for h in adapter.history)
+    assert {p.dtype for n, p in pipe.unet.named_parameters() if ".lora_" not in n} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize(
+    ("pipeline_dtype", "mixed_precision", "expected"),
+    [("bfloat16", None, "bf16"), ("float16", None, "fp16"), ("float32", None, "no"), ("float32", "bf16", "bf16")],
+)
+def test_mixed_precision_left_unset_matches_the_pipeline(pipeline_dtype, mixed_precision, expected):
+    from db_adapters.plan import resolve_mixed_precision
+
+    assert resolve_mixed_precision(mixed_precision, getattr(torch, pipeline_dtype)) == expected
+
+
+@pytest.mark.parametrize("mixed_precision", ["no", "fp16"])
+def test_a_half_pipeline_under_another_precision_is_refused_naming_both(mixed_precision, subject_images, fast):
+    pipe = tiny_pipeline().to(dtype=torch.bfloat16)
+    with pytest.raises(InputError, match=rf"mixed_precision='{mixed_precision}' .* loaded in bfloat16"):
+        personalize(pipe, subject_images, "dog", mixed_precision=mixed_precision, **fast)
+
+
+def test_training_runs_on_the_pipelines_device_not_accelerates(subject_images, tmp_path, fast, monkeypatch):
+    """A pipeline on cuda:1 trains on cuda:1: here accelerate is told its device is `meta`, and training
+    must still run where the pipeline is (no tensor or module may follow accelerate's device)."""
+    import accelerate
+
+    monkeypatch.setattr(accelerate.Accelerator, "device", property(lambda self: torch.device("meta")))
+    pipe = tiny_pipeline()
+    adapter = personalize(pipe, subject_images, "dog", output_dir=tmp_path, **fast)
+    assert all(math.isfinite(h["loss"]) for h in adapter.history)
+    assert {p.device.type for p in pipe.unet.parameters()} == {"cpu"}
+
+
+def test_a_fused_then_unloaded_lora_is_accepted(subject_images, tmp_path, fast):
+    from peft import LoraConfig
+
+    pipe = tiny_pipeline()
+    pipe.unet.add_adapter(LoraConfig(r=2, target_modules=["to_q"], init_lora_weights=False), adapter_name="style")
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    adapter = personalize(pipe, subject_images, "dog", output_dir=tmp_path, **fast)
+    assert len(adapter.history) == fast["steps"]
 
 
 def test_8bit_adam_state_is_uint8():
@@ -238,11 +318,31 @@ def test_8bit_adam_state_is_uint8():
     assert state["state1"].dtype == torch.uint8 and state["state2"].dtype == torch.uint8
 
 
-def test_8bit_adam_trains_the_tiny_pipeline(subject_images, tmp_path, fast):
+def test_8bit_adam_trains_the_tiny_pipeline(subject_images, tmp_path, monkeypatch):
+    from db_adapters import trainer
+
+    optimizers = []
+    real = trainer.make_optimizer
+    monkeypatch.setattr(trainer, "make_optimizer", lambda *a, **k: optimizers.append(real(*a, **k)) or optimizers[-1])
+    pipe = tiny_pipeline()
     adapter = personalize(
-        tiny_pipeline(), subject_images, "dog", use_8bit_adam=True, adam_min_8bit_size=16, output_dir=tmp_path, **fast
+        pipe,
+        subject_images,
+        "dog",
+        use_8bit_adam=True,
+        adam_min_8bit_size=16,
+        steps=30,
+        learning_rate=2e-3,
+        num_class_images=2,
+        class_inference_steps=2,
+        progress=False,
+        output_dir=tmp_path,
     )
-    assert len(adapter.history) == fast["steps"]
+    assert len(adapter.history) == 30
+    assert_instance_loss_fell(pipe, subject_images, adapter.instance_prompt)
+    (optimizer,) = optimizers
+    states = [state for state in optimizer.state.values() if "state1" in state]
+    assert states and all(s["state1"].dtype == torch.uint8 and s["state2"].dtype == torch.uint8 for s in states)
 
 
 @pytest.mark.parametrize(

@@ -32,12 +32,14 @@ from db_adapters.checkpoint import (
     save_checkpoint,
 )
 from db_adapters.errors import TrainingError
+from db_adapters.families import available_families
 from db_adapters.loss import LossTerms
 from db_adapters.safe_reading import read_file_metadata, read_tensors
-from db_adapters.testing import tiny_pipeline
+from db_adapters.testing import tiny_pipeline, tiny_pipeline_of
 from db_adapters.trainer import Trainer
 
 SCRIPT = Path(__file__).parent / "scripts" / "resume_run.py"
+FAMILIES = [family.name for family in available_families()]
 # The kill/resume run: every piece of state that can drift is in play (LoRA dropout draws from the
 # global RNG, a warmup+cosine schedule, gradient accumulation, the text encoder trains, prior images).
 # 5 subject and 5 class images, 2 of each drawn per step: the checkpoints at steps 3, 6 and 9 all fall
@@ -90,12 +92,15 @@ def steps_printed(output: str) -> list[int]:
 
 
 @pytest.mark.slow
-def test_sigkilled_run_resumes_to_the_same_adapter(tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sigkilled_run_resumes_to_the_same_adapter(tmp_path, family):
     seed = int(os.environ.get("DB_ADAPTERS_KILL_SEED", random.SystemRandom().randrange(2**32)))
     kill_at = random.Random(seed).randint(KILL_EVERY + 1, KILL_STEPS)  # after the first checkpoint
     # The callback runs before that step's checkpoint is written: the newest checkpoint is strictly before k.
     resume_step = KILL_EVERY * ((kill_at - 1) // KILL_EVERY)
-    context = f"S={KILL_STEPS}, checkpoint every {KILL_EVERY}, killed at k={kill_at} (DB_ADAPTERS_KILL_SEED={seed})"
+    context = (
+        f"{family}: S={KILL_STEPS}, checkpoint every {KILL_EVERY}, killed at k={kill_at} (DB_ADAPTERS_KILL_SEED={seed})"
+    )
     print(context)
 
     threads = torch.get_num_threads()
@@ -103,20 +108,24 @@ def test_sigkilled_run_resumes_to_the_same_adapter(tmp_path):
     try:
         settings = {k: v for k, v in KILL_SETTINGS.items() if k not in ("checkpoint_every", "subject_images")}
         straight = personalize(
-            tiny_pipeline(), make_subject_images(KILL_IMAGES), "dog", output_dir=tmp_path / "straight", **settings
+            tiny_pipeline_of(family),
+            make_subject_images(KILL_IMAGES),
+            "dog",
+            output_dir=tmp_path / "straight",
+            **settings,
         )
     finally:
         torch.set_num_threads(threads)
     straight.save(tmp_path / "straight.safetensors")
 
     out, resumed_path = tmp_path / "run", tmp_path / "resumed.safetensors"
-    killed = run_script(out, resumed_path, {**KILL_SETTINGS, "kill_at": kill_at})
+    killed = run_script(out, resumed_path, {**KILL_SETTINGS, "kill_at": kill_at, "family": family})
     assert killed.returncode == -signal.SIGKILL, f"{context}\n{killed.stdout}\n{killed.stderr}"
     assert steps_printed(killed.stdout) == list(range(1, kill_at + 1)), context
     assert "SAVED" not in killed.stdout and not resumed_path.exists()
     assert latest_checkpoint(out / "checkpoints", "step").name == f"step-{resume_step:08d}", context
 
-    resumed = run_script(out, resumed_path, {**KILL_SETTINGS, "resume": True})
+    resumed = run_script(out, resumed_path, {**KILL_SETTINGS, "resume": True, "family": family})
     assert resumed.returncode == 0, f"{context}\n{resumed.stdout}\n{resumed.stderr}"
     log = resumed.stdout
     # From the resumed run's own output: where it started, and that it ran only the remaining steps.
@@ -227,23 +236,37 @@ def test_checkpoint_settings_are_checked(settings, expected, subject_images):
         personalize(tiny_pipeline(), subject_images, "dog", **FAST, **settings)
 
 
-def test_cli_checkpoints_and_refuses_a_changed_resume(tiny_dir, subject_dir, tmp_path):
+def test_cli_checkpoints_and_refuses_a_changed_resume(tiny_dir, subject_dir, tmp_path, caplog):
+    import shutil
+
     from db_adapters.cli import main
 
     base = ["train", "--model", str(tiny_dir), "--images", str(subject_dir), "--class-noun", "dog"]
-    base += ["--steps", "2", "--num-class-images", "2", "--class-inference-steps", "2", "--learning-rate", "1e-3"]
-    base += ["--output-dir", str(tmp_path / "run"), "--checkpoint-every", "1", "--keep-checkpoints", "1"]
-    first = CliRunner().invoke(main, [*base, "--output", str(tmp_path / "a.safetensors")])
+    base += ["--steps", "4", "--num-class-images", "2", "--class-inference-steps", "2", "--learning-rate", "1e-3"]
+    base += ["--checkpoint-every", "1", "--keep-checkpoints", "4"]
+    first = CliRunner().invoke(
+        main, [*base, "--output-dir", str(tmp_path / "run"), "--output", str(tmp_path / "a.safetensors")]
+    )
     assert first.exit_code == 0, first.output
-    assert [p.name for p in (tmp_path / "run" / "checkpoints").glob("*.json")] == ["step-00000002.json"]
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("*.json")) == [f"step-0000000{i}.json" for i in (1, 2, 3, 4)]
+    # A run stopped after step 2: its folder holds the checkpoints up to step 2 only.
+    stopped = tmp_path / "stopped"
+    shutil.copytree(tmp_path / "run", stopped)
+    for path in (stopped / "checkpoints").glob("step-0000000[34].*"):
+        path.unlink()
+    base += ["--output-dir", str(stopped)]
     changed = CliRunner().invoke(
         main, [*base, "--resume", "--learning-rate", "2e-3", "--output", str(tmp_path / "b.safetensors")]
     )
     assert changed.exit_code == 2, changed.output
     errors = [line for line in changed.output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "learning_rate: checkpoint 0.001, now 0.002" in errors[0], changed.output
-    same = CliRunner().invoke(main, [*base, "--resume", "--output", str(tmp_path / "c.safetensors")])
+    with caplog.at_level(logging.INFO, logger="db_adapters"):
+        same = CliRunner().invoke(main, [*base, "--resume", "--output", str(tmp_path / "c.safetensors")])
     assert same.exit_code == 0, same.output
+    assert "resuming from step 2 of 4" in caplog.text and "trained steps 3-4: 2 of 4 steps run" in caplog.text
+    assert "generating" not in caplog.text  # the class images came from the first run's cache
     assert_same_tensors(
         adapter_tensors(tmp_path / "a.safetensors"), adapter_tensors(tmp_path / "c.safetensors"), "CLI resume"
     )

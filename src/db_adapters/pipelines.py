@@ -43,12 +43,16 @@ def architecture_fingerprint(pipe: DiffusionPipeline) -> str:
 
 
 def weights_fingerprint(pipe: DiffusionPipeline) -> str:
-    """A hash of a few base weights: tells two checkpoints of the same architecture apart, cheaply."""
+    """A hash of a few base weights: tells two checkpoints of the same architecture apart, cheaply.
+
+    Hashed in float16, so the same checkpoint loaded in fp32 or fp16 has the same fingerprint (an
+    adapter trained on an fp16 pipeline loads into an fp32 one without a warning).
+    """
     import torch
 
     digest = hashlib.sha256()
     for tensor in family_of(pipe).fingerprint_tensors(pipe):
-        flat = tensor.detach().reshape(-1)[:65536].to("cpu", torch.float32).contiguous()
+        flat = tensor.detach().reshape(-1)[:65536].to("cpu", torch.float16).contiguous()
         digest.update(flat.numpy().tobytes())
     return digest.hexdigest()[:16]
 

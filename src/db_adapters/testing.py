@@ -14,6 +14,7 @@ so the two tokenizers split some words differently, as a test of "one token in b
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -362,3 +363,22 @@ def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
         module.eval()  # as from_pretrained leaves them
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# Each model family's tiny pipeline, by family name: the family contract suite (tests/test_families.py)
+# runs every registered family on its entry here, so a new family adds its builder to this table.
+TINY_PIPELINES: dict[str, Callable[..., Any]] = {"sd": tiny_pipeline, "sdxl": tiny_sdxl_pipeline}
+
+
+def tiny_pipeline_of(family: str, seed: int = 0) -> Any:
+    """The tiny random-weight pipeline of a model family ("sd", "sdxl"), built offline.
+
+    Args:
+        family (`str`): a registered family's name.
+        seed (`int`): seeds the random weights.
+
+    Example:
+        >>> type(tiny_pipeline_of("sdxl")).__name__
+        'StableDiffusionXLPipeline'
+    """
+    return TINY_PIPELINES[family](seed)

@@ -1,0 +1,220 @@
+"""The family contract suite: every registered model family, on its tiny pipeline, passes the same checks.
+
+A new family adds its tiny pipeline to `db_adapters.testing.TINY_PIPELINES`; nothing here changes.
+Family-specific checks (a family's conditioning equals its pipeline's own) follow the shared ones.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import fixed_instance_loss, make_subject_images, render_np
+
+from db_adapters import InputError, load_adapter, personalize
+from db_adapters.binder import identifier_candidates
+from db_adapters.families import available_families, family_of, get_family
+from db_adapters.testing import TINY_PIPELINES, tiny_pipeline_of
+
+FAMILIES = [family.name for family in available_families()]
+QUICK = {"num_class_images": 2, "class_inference_steps": 2, "progress": False}
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_every_family_has_a_tiny_pipeline():
+    assert set(FAMILIES) == set(TINY_PIPELINES), "add the new family's tiny pipeline to testing.TINY_PIPELINES"
+    for name in FAMILIES:
+        assert family_of(tiny_pipeline_of(name)).name == name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_learns_and_changes_only_adapter_weights(family, tmp_path):
+    pipe = tiny_pipeline_of(family)
+    denoiser_name = get_family(family).denoiser
+    base = snapshot(getattr(pipe, denoiser_name))
+    images = make_subject_images()
+    adapter = personalize(pipe, images, "dog", steps=40, learning_rate=2e-3, output_dir=tmp_path, **QUICK)
+    before = fixed_instance_loss(tiny_pipeline_of(family), images, adapter.instance_prompt)
+    after = fixed_instance_loss(pipe, images, adapter.instance_prompt)
+    assert after < 0.9 * before, (before, after)
+    state = getattr(pipe, denoiser_name).state_dict()
+    assert any(".lora_B" in k and state[k].abs().sum() > 0 for k in state)
+    for key, value in base.items():
+        current = state.get(
+            key, state.get(key.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias"))
+        )
+        assert torch.equal(current, value), key
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_learns_and_changes_the_denoiser(family, tmp_path):
+    pipe = tiny_pipeline_of(family)
+    spec = get_family(family)
+    base = snapshot(getattr(pipe, spec.denoiser))
+    encoders = {name: snapshot(getattr(pipe, name)) for name in spec.text_encoders}
+    images = make_subject_images()
+    adapter = personalize(
+        pipe, images, "dog", strategy="full", steps=20, learning_rate=3e-4, output_dir=tmp_path, **QUICK
+    )
+    before = fixed_instance_loss(tiny_pipeline_of(family), images, adapter.instance_prompt)
+    assert fixed_instance_loss(pipe, images, adapter.instance_prompt) < 0.9 * before
+    changed = [k for k, v in getattr(pipe, spec.denoiser).state_dict().items() if not torch.equal(v, base[k])]
+    assert len(changed) > 0.5 * len(base)
+    for name, state in encoders.items():  # frozen unless asked
+        assert all(torch.equal(v, state[k]) for k, v in getattr(pipe, name).state_dict().items()), name
+
+
+@pytest.mark.parametrize("strategy", ["lora", "full"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_text_encoder_trains_when_asked(family, strategy, tmp_path):
+    pipe = tiny_pipeline_of(family)
+    spec = get_family(family)
+    before = {name: snapshot(getattr(pipe, name)) for name in spec.text_encoders}
+    personalize(
+        pipe,
+        make_subject_images(),
+        "dog",
+        strategy=strategy,
+        train_text_encoder=True,
+        steps=3,
+        learning_rate=1e-3,
+        output_dir=tmp_path,
+        **QUICK,
+    )
+    for name in spec.text_encoders:
+        state = getattr(pipe, name).state_dict()
+        if strategy == "full":
+            assert any(not torch.equal(state[k], v) for k, v in before[name].items()), name
+        else:
+            assert any(".lora_B" in k and state[k].abs().sum() > 0 for k in state), name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_file_renders_the_same_in_plain_diffusers(family, tmp_path):
+    """No db_adapters on the loading side: the pipeline class's own load_lora_weights, alpha != rank,
+    LoRA in every text encoder."""
+    pipe = tiny_pipeline_of(family)
+    adapter = personalize(
+        pipe,
+        make_subject_images(),
+        "dog",
+        rank=4,
+        alpha=8,
+        train_text_encoder=True,
+        steps=3,
+        learning_rate=5e-2,
+        output_dir=tmp_path,
+        **QUICK,
+    )
+    path = adapter.save(tmp_path / "dog.safetensors")
+    prompt = f"a {adapter.identifier} dog"
+    trained = render_np(pipe, prompt)
+
+    plain = tiny_pipeline_of(family)
+    base = render_np(plain, prompt)
+    plain.load_lora_weights(str(path))
+    assert abs(render_np(plain, prompt) - trained).max() <= 1e-4
+    assert abs(trained - base).max() > 1e-3
+    for name in get_family(family).text_encoders:  # every encoder got its layers back
+        assert any("lora" in k for k in getattr(plain, name).state_dict()), name
+
+
+@pytest.mark.parametrize("strategy", ["lora", "full"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_load_adapter_renders_the_same(family, strategy, tmp_path):
+    pipe = tiny_pipeline_of(family)
+    settings = {"steps": 2, "learning_rate": 1e-2 if strategy == "lora" else 1e-3, "train_text_encoder": True}
+    adapter = personalize(
+        pipe, make_subject_images(), "dog", strategy=strategy, output_dir=tmp_path, **settings, **QUICK
+    )
+    path = adapter.save(tmp_path / "dog.safetensors")
+    prompt = f"a {adapter.identifier} dog"
+    fresh = tiny_pipeline_of(family)
+    loaded = load_adapter(fresh, path)
+    assert loaded.identifier == adapter.identifier
+    assert abs(render_np(fresh, prompt) - render_np(pipe, prompt)).max() <= 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_identifier_is_one_rare_token_in_every_tokenizer(family):
+    pipe = tiny_pipeline_of(family)
+    spec = get_family(family)
+    tokenizers = spec.tokenizer_list(pipe)
+    candidates = identifier_candidates(tokenizers, "dog")
+    assert candidates
+    for tokenizer in tokenizers:
+        alone = set(identifier_candidates(tokenizer, "dog"))
+        assert set(candidates) <= alone
+        for identifier in candidates:
+            with_it = tokenizer(f"a {identifier} dog", add_special_tokens=False).input_ids
+            without = tokenizer("a dog", add_special_tokens=False).input_ids
+            assert len(with_it) == len(without) + 1, (identifier, tokenizer.name_or_path)
+    if len(tokenizers) > 1:  # the intersection is a real constraint: each tokenizer alone allows more
+        assert any(len(identifier_candidates(t, "dog")) > len(candidates) for t in tokenizers)
+
+
+def _img2img_variants(family: str) -> list:
+    import diffusers
+
+    pipe = tiny_pipeline_of(family)
+    components = dict(pipe.components)
+    variants = []
+    if family == "sd":
+        variants.append(diffusers.StableDiffusionImg2ImgPipeline(**components))
+        variants.append(diffusers.StableDiffusionInpaintPipeline(**components))
+    elif family == "sdxl":
+        variants.append(diffusers.StableDiffusionXLImg2ImgPipeline(**components))
+        variants.append(diffusers.StableDiffusionXLInpaintPipeline(**components))
+        # The refiner: an img2img pipeline without the first text encoder.
+        refiner = {**components, "text_encoder": None, "tokenizer": None}
+        variants.append(diffusers.StableDiffusionXLImg2ImgPipeline(**refiner, requires_aesthetics_score=True))
+    return variants
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unsupported_pipelines_are_named_with_what_is_supported(family):
+    variants = _img2img_variants(family)
+    assert variants
+    for pipe in variants:
+        with pytest.raises(InputError, match=type(pipe).__name__) as raised:
+            personalize(pipe, make_subject_images(), "dog", steps=1, **QUICK)
+        message = str(raised.value)
+        assert "StableDiffusionPipeline" in message and "StableDiffusionXLPipeline" in message
+
+
+# --- each family's conditioning is what its pipeline computes at inference ---------------------------
+
+
+def test_sd_conditioning_equals_the_pipelines_own():
+    pipe = tiny_pipeline_of("sd")
+    family = get_family("sd")
+    encoders = {"text_encoder": pipe.text_encoder}
+    ours = family.encode_prompt(encoders, family.prompt_ids(pipe, "a red dog"))
+    theirs, _ = pipe.encode_prompt("a red dog", "cpu", 1, False)
+    assert torch.equal(ours["encoder_hidden_states"], theirs)
+
+
+def test_sdxl_conditioning_equals_the_pipelines_own():
+    from db_adapters.data import CropGeometry
+
+    pipe = tiny_pipeline_of("sdxl")
+    family = get_family("sdxl")
+    encoders = {name: getattr(pipe, name) for name in family.text_encoders}
+    ours = family.encode_prompt(encoders, family.prompt_ids(pipe, "a red dog"))
+    embeds, _, pooled, _ = pipe.encode_prompt("a red dog", device="cpu", do_classifier_free_guidance=False)
+    assert torch.equal(ours["encoder_hidden_states"], embeds)  # (1, 77, 32 + 32): both penultimate layers
+    assert torch.equal(ours["text_embeds"], pooled)
+    time_ids = family.image_conditioning([CropGeometry((48, 40), (4, 0))], 32)["time_ids"]
+    expected = pipe._get_add_time_ids((48, 40), (4, 0), (32, 32), dtype=torch.float32, text_encoder_projection_dim=32)
+    assert torch.equal(time_ids, expected)
+
+
+def test_sdxl_time_ids_follow_each_training_image():
+    from db_adapters.data import crop_geometry
+
+    tall, wide = make_subject_images(1, size=40)[0].resize((40, 80)), make_subject_images(1)[0].resize((96, 48))
+    rows = get_family("sdxl").image_conditioning([crop_geometry(tall, 32), crop_geometry(wide, 32)], 32)["time_ids"]
+    # (original h, w, crop top, left, target h, w): 80x40 -> 64x32, centre crop from row 16; 48x96 -> 32x64.
+    assert rows.tolist() == [[80, 40, 16, 0, 32, 32], [48, 96, 0, 16, 32, 32]]
