@@ -303,3 +303,29 @@ def test_bad_input_as_a_real_subprocess(tiny_dir, tmp_path):
 def test_entry_point_is_installed():
     result = subprocess.run(["db-adapt", "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "train" in result.stdout and "generate" in result.stdout
+
+
+def test_train_generate_inspect_on_an_sdxl_folder(tmp_path, subject_dir):
+    from db_adapters.testing import tiny_sdxl_pipeline
+
+    model = tmp_path / "tiny-sdxl"
+    tiny_sdxl_pipeline().save_pretrained(model)
+    adapter = tmp_path / "dog_sdxl.safetensors"
+    trained = CliRunner().invoke(
+        main,
+        ["train", "--model", str(model), "--images", str(subject_dir), "--class-noun", "dog", "--output", str(adapter)]
+        + ["--output-dir", str(tmp_path / "run"), "--train-text-encoder", *FAST],
+    )
+    assert trained.exit_code == 0, trained.output
+    inspected = CliRunner().invoke(main, ["inspect", str(adapter)])
+    assert inspected.exit_code == 0, inspected.output
+    info = json.loads(inspected.output)
+    assert info["base_model"]["family"] == "sdxl" and info["train_text_encoder"] is True
+    out = tmp_path / "grid.png"
+    generated = CliRunner().invoke(
+        main,
+        ["generate", "--model", str(model), "--adapter", str(adapter), "--prompt", "a {id} dog", "--steps", "2"]
+        + ["--num-images", "2", "--output", str(out)],
+    )
+    assert generated.exit_code == 0, generated.output
+    assert f"a {info['identifier']} dog" in generated.output and out.stat().st_size > 0

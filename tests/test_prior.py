@@ -42,7 +42,7 @@ def test_generated_once_then_cached_and_only_missing_regenerated(tmp_path, count
     again = generate(pipe, tmp_path, batch_size=2)
     assert counting["images"] == 3
     assert [list(a.getdata()) == list(b.getdata()) for a, b in zip(first, again, strict=True)] == [True] * 3
-    folder = tmp_path / cache_key("fp", "a dog", 32, 3, 0)
+    (folder,) = tmp_path.iterdir()  # one cache folder, named by the cache key
     (folder / "class_00001.png").unlink()
     redone = generate(pipe, tmp_path, batch_size=2)
     assert counting["images"] == 4  # only the missing one
@@ -74,8 +74,11 @@ def test_cache_key_covers_every_setting():
         cache_key("fp", "a dog", 64, 3, 0),
         cache_key("fp", "a dog", 32, 4, 0),
         cache_key("fp", "a dog", 32, 3, 1),
+        cache_key("fp", "a dog", 32, 3, 0, sampler="ddim"),
+        cache_key("fp", "a dog", 32, 3, 0, steps=3),
+        cache_key("fp", "a dog", 32, 3, 0, guidance_scale=2.0),
     ]
-    assert len({base, *others}) == 6
+    assert len({base, *others}) == 9
 
 
 def test_black_images_are_rejected_and_redrawn(tmp_path, monkeypatch):
@@ -126,23 +129,34 @@ def test_personalize_caches_class_images_in_output_dir(tmp_path, subject_images,
     assert len(list((tmp_path / "class_images").glob("*/class_*.png"))) == fast["num_class_images"]
 
 
-def test_training_noise_is_ddpm_whatever_the_inference_sampler(subject_images):
+def test_training_noise_is_ddpm_whatever_the_inference_sampler():
     from diffusers import DDPMScheduler, EulerDiscreteScheduler
 
-    from db_adapters.config import TrainConfig
-    from db_adapters.strategies import get_strategy
-    from db_adapters.trainer import Trainer, TrainingSet
+    from db_adapters.families import family_of
 
     pipe = tiny_pipeline(v_prediction=True)
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    trainer = Trainer(
-        pipe,
-        get_strategy("lora")(),
-        TrainingSet(None, None),
-        TrainConfig(),
-        learning_rate=1e-4,
-        text_encoder_learning_rate=1e-4,
+    objective = family_of(pipe).objective(pipe, snr_gamma=None)
+    assert isinstance(objective.scheduler, DDPMScheduler)
+    assert objective.scheduler.config.prediction_type == "v_prediction"
+    assert objective.scheduler.config.beta_schedule == "scaled_linear"
+
+
+@pytest.mark.parametrize(
+    "change", [{"class_sampler": "ddim"}, {"class_inference_steps": 3}, {"class_guidance_scale": 2.0}]
+)
+def test_changing_how_class_images_are_sampled_makes_new_ones(change, tmp_path, subject_images, counting, fast):
+    personalize(
+        tiny_pipeline(), subject_images, "dog", output_dir=tmp_path / "a", class_image_dir=tmp_path / "c", **fast
     )
-    assert isinstance(trainer.noise_scheduler, DDPMScheduler)
-    assert trainer.noise_scheduler.config.prediction_type == "v_prediction"
-    assert trainer.noise_scheduler.config.beta_schedule == "scaled_linear"
+    assert counting["images"] == fast["num_class_images"]
+    personalize(
+        tiny_pipeline(), subject_images, "dog", output_dir=tmp_path / "b", class_image_dir=tmp_path / "c", **fast
+    )
+    assert counting["images"] == fast["num_class_images"]  # the same settings reuse the cache
+    settings = {**fast, **change}
+    personalize(
+        tiny_pipeline(), subject_images, "dog", output_dir=tmp_path / "d", class_image_dir=tmp_path / "c", **settings
+    )
+    assert counting["images"] == 2 * fast["num_class_images"], change
+    assert len(list((tmp_path / "c").iterdir())) == 2

@@ -483,8 +483,8 @@ def test_a_strategy_leaving_half_precision_weights_is_stopped(monkeypatch, subje
 
     original = Lora.apply
 
-    def apply(self, pipe, *, train_text_encoder):
-        original(self, pipe, train_text_encoder=train_text_encoder)
+    def apply(self, pipe, family, *, train_text_encoder):
+        original(self, pipe, family, train_text_encoder=train_text_encoder)
         for params in self.trainable_parameters(pipe).values():
             for param in params:
                 param.data = param.data.to(torch.bfloat16)

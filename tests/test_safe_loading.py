@@ -354,7 +354,7 @@ DAMAGE = {
     "no UNet weights": (
         "lora_te",
         lambda raw: _edit_blobs(raw, lambda b, m: [b.pop(k) for k in list(b) if k.startswith("unet.")]),
-        r"holds no UNet weights",
+        r"holds no unet weights",
     ),
     "LoRA shape for another rank": (
         "lora",

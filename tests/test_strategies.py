@@ -25,7 +25,7 @@ class BiasOptions:
 
 @register_strategy
 class BiasOnly(Strategy):
-    """BitFit-style: trains only the UNet's bias vectors (a third strategy, defined in a test file)."""
+    """BitFit-style: trains only the denoiser's bias vectors (a third strategy, defined in a test file)."""
 
     name = "bias-only-test"
     Options = BiasOptions
@@ -34,16 +34,16 @@ class BiasOnly(Strategy):
     def _biases(self, pipe):
         return {
             n: p
-            for n, p in pipe.unet.named_parameters()
+            for n, p in getattr(pipe, self.family.denoiser).named_parameters()
             if n.endswith(".bias") and (self.options.scope == "all" or "attentions" in n)
         }
 
-    def apply(self, pipe, *, train_text_encoder):
-        self.components = ("unet",)
+    def apply(self, pipe, family, *, train_text_encoder):
+        self.use(family, train_text_encoder=False)
         self._backup = {n: p.detach().clone() for n, p in self._biases(pipe).items()}
 
     def trainable_parameters(self, pipe):
-        return {"unet": list(self._biases(pipe).values())}
+        return {self.family.denoiser: list(self._biases(pipe).values())}
 
     def remove(self, pipe):
         with torch.no_grad():
@@ -51,14 +51,16 @@ class BiasOnly(Strategy):
                 param.copy_(self._backup[name])
 
     def save(self, pipe, path, metadata, dtype):
-        save_tensors(path, {f"unet.{n}": p.detach() for n, p in self._biases(pipe).items()}, metadata)
+        denoiser = self.family.denoiser
+        save_tensors(path, {f"{denoiser}.{n}": p.detach() for n, p in self._biases(pipe).items()}, metadata)
 
-    def load(self, pipe, path):
-        self.components = ("unet",)
+    def load(self, pipe, family, path):
+        self.use(family, train_text_encoder=False)
         self._backup = {n: p.detach().clone() for n, p in self._biases(pipe).items()}
+        parameters = dict(getattr(pipe, family.denoiser).named_parameters())
         with torch.no_grad():
             for key, tensor in read_tensors(path).items():
-                dict(pipe.unet.named_parameters())[key.removeprefix("unet.")].copy_(tensor)
+                parameters[key.removeprefix(f"{family.denoiser}.")].copy_(tensor)
 
 
 def test_builtins_and_the_test_strategy_are_registered():

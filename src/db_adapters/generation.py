@@ -11,7 +11,7 @@ from .errors import InputError
 from .files import write_atomically
 
 if TYPE_CHECKING:
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
     from PIL import Image
 
 
@@ -27,7 +27,7 @@ def check_png_path(path: str | os.PathLike) -> Path:
 
 
 def render(
-    pipe: StableDiffusionPipeline,
+    pipe: DiffusionPipeline,
     prompt: str,
     *,
     num_images: int = 1,
@@ -40,7 +40,7 @@ def render(
     """Generate `num_images` images of `prompt`; image i uses seed `seed + i`, so each is reproducible.
 
     Args:
-        pipe (`StableDiffusionPipeline`): the (personalized) pipeline.
+        pipe (`DiffusionPipeline`): the (personalized) pipeline.
         prompt (`str`): the text prompt.
         num_images (`int`): how many images.
         seed (`int`): first seed.
@@ -78,7 +78,7 @@ def grid(images: list[Image.Image], rows: int | None = None) -> Image.Image:
     return make_image_grid(images + [blank] * (rows * cols - len(images)), rows=rows, cols=cols)
 
 
-def render_grid(pipe: StableDiffusionPipeline, prompt: str, path: Path, **kwargs) -> Path:
+def render_grid(pipe: DiffusionPipeline, prompt: str, path: Path, **kwargs) -> Path:
     """`render` then save the grid to `path` atomically."""
     sheet = grid(render(pipe, prompt, **kwargs))
     return write_atomically(path, lambda tmp: sheet.save(tmp, format="PNG"))

@@ -32,7 +32,7 @@ from .dreambench import dreambench_prompts, format_prompt, select_prompts
 from .lpips import to_lpips_input
 
 if TYPE_CHECKING:
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
     from PIL import Image
 
     from ..adapter import Adapter
@@ -128,7 +128,7 @@ def _finite_or_none(value: Any) -> Any:
 
 
 def evaluate(
-    pipe: StableDiffusionPipeline,
+    pipe: DiffusionPipeline,
     adapter_or_none: Adapter | None,
     real_images: ImageInput,
     class_noun: str | None,
@@ -146,7 +146,7 @@ def evaluate(
     """Run the DreamBooth paper's evaluation of a (personalized) pipeline on the DreamBench prompts.
 
     Args:
-        pipe (`StableDiffusionPipeline`): the pipeline, with the adapter already loaded into it.
+        pipe (`DiffusionPipeline`): the pipeline, with the adapter already loaded into it.
         adapter_or_none (`Adapter | None`): the loaded adapter (its identifier goes into the prompts);
             None evaluates the base model with the class prompts ("a dog in the jungle").
         real_images (`ImageInput`): the subject's real photos (a folder, paths or PIL images).
@@ -223,13 +223,13 @@ def _check_counts(**counts: int) -> None:
             raise InputError(f"{name} must be a positive integer; got {value!r}.")
 
 
-def _render(pipe: StableDiffusionPipeline, prompt: str, count: int, sampling: dict[str, Any]) -> list[Image.Image]:
+def _render(pipe: DiffusionPipeline, prompt: str, count: int, sampling: dict[str, Any]) -> list[Image.Image]:
     from ..generation import render
 
     return render(pipe, prompt, num_images=count, **sampling)
 
 
-def _pipeline_id(pipe: StableDiffusionPipeline) -> str:
+def _pipeline_id(pipe: DiffusionPipeline) -> str:
     from ..pipelines import model_id
 
     return model_id(pipe)
