@@ -35,7 +35,7 @@ from safetensors import SafetensorError
 from db_adapters import AdapterError, InputError, load_adapter, personalize, unload_adapter
 from db_adapters.adapter import attached_adapter
 from db_adapters.cli import main
-from db_adapters.testing import tiny_pipeline
+from db_adapters.testing import tiny_pipeline, tiny_sdxl_pipeline
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "bad_inputs.md"
 # A run that starts by mistake (a row that is not rejected) takes a second, not an hour.
@@ -220,6 +220,21 @@ def users_own_lora(e: Env) -> None:
     train(e, pipeline=styled)
 
 
+def sdxl_refiner(e: Env) -> None:
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    from db_adapters.testing import tiny_sdxl_components
+
+    parts = {**tiny_sdxl_components(), "text_encoder": None, "tokenizer": None}
+    train(e, pipeline=StableDiffusionXLImg2ImgPipeline(**parts, requires_aesthetics_score=True))
+
+
+def half_pipeline_without_autocast(e: Env) -> None:
+    import torch
+
+    train(e, pipeline=tiny_pipeline().to(dtype=torch.bfloat16), mixed_precision="no")
+
+
 def img2img(e: Env) -> None:
     from diffusers import StableDiffusionImg2ImgPipeline
 
@@ -382,6 +397,10 @@ ROWS = [
     # Pipelines.
     Row("pipeline: unsupported kind", "personalize", InputError, "StableDiffusionImg2ImgPipeline is not supported",
         img2img),
+    Row("pipeline: SDXL refiner", "personalize", InputError, "StableDiffusionXLImg2ImgPipeline is not supported",
+        sdxl_refiner),
+    Row("pipeline: half precision, other mixed_precision", "personalize", InputError,
+        "mixed_precision='no' cannot train a pipeline loaded in bfloat16", half_pipeline_without_autocast),
     Row("pipeline: already carries an adapter", "personalize", AdapterError, "already carries the adapter",
         lambda e: train(e, pipeline=e.trained["pipe"])),
     Row("pipeline: carries the user's own LoRA", "personalize", AdapterError, "already carries LoRA layers (style)",
@@ -409,6 +428,8 @@ ROWS = [
         lambda e: load_adapter(e.pipe, truncated_adapter(e))),
     Row("adapter: another architecture", "load_adapter", AdapterError, "was trained on another architecture",
         lambda e: load_adapter(e.vpred_pipe, e.trained["file"])),
+    Row("adapter: another model family", "load_adapter", AdapterError, "was trained on a 'sd' model",
+        lambda e: load_adapter(tiny_sdxl_pipeline(), e.trained["file"])),
     Row("adapter: not saved by db-adapters", "load_adapter", AdapterError, "has no db-adapters metadata",
         lambda e: load_adapter(e.pipe, foreign_safetensors(e))),
     Row("adapter: file missing", "load_adapter", FileNotFoundError, "adapter file does not exist",

@@ -329,3 +329,28 @@ def test_train_generate_inspect_on_an_sdxl_folder(tmp_path, subject_dir):
     )
     assert generated.exit_code == 0, generated.output
     assert f"a {info['identifier']} dog" in generated.output and out.stat().st_size > 0
+
+
+def test_each_settings_help_is_written_once_and_shown_in_both_places():
+    """help(personalize) and `db-adapt train --help` show the same text, from the field in config.py
+    (or the strategy's Options), for every setting the command line offers."""
+    from dataclasses import fields
+
+    from db_adapters import personalize
+    from db_adapters.config import TrainConfig
+    from db_adapters.strategies import get_strategy
+
+    cli_help = " ".join(CliRunner().invoke(main, ["train", "--help"], terminal_width=400).output.split())
+    doc = " ".join((personalize.__doc__ or "").split())
+    specs = [s for s in fields(TrainConfig) if s.metadata["cli"]] + list(fields(get_strategy("lora").Options))
+    for spec in specs:
+        text = " ".join(spec.metadata["help"].split())
+        assert text in doc, spec.name
+        assert text in cli_help, spec.name
+        flag = spec.metadata.get("flag") or "--" + spec.name.replace("_", "-")
+        assert flag in cli_help, flag
+    # Every keyword is in the signature too, with its default (IDEs and inspect read it).
+    import inspect
+
+    parameters = inspect.signature(personalize).parameters
+    assert all(parameters[s.name].default == s.default for s in fields(TrainConfig))

@@ -9,6 +9,12 @@ shipped English word list; the trained files ship in `assets/tiny_tokenizer/` so
 (the second with a projection, for the pooled embedding), a `text_time` UNet and SDXL's Euler
 scheduler. Its second tokenizer is a second BPE over a smaller vocabulary (`assets/tiny_tokenizer_2/`),
 so the two tokenizers split some words differently, as a test of "one token in both" needs.
+
+`tiny_sd3_pipeline()` and `tiny_flux_pipeline()` do the same for the MMDiT families, SD3's
+`StableDiffusion3Pipeline` (two CLIP encoders and a T5 encoder feeding an `SD3Transformer2DModel`) and
+Flux.1's `FluxPipeline` (CLIP for the pooled embedding, T5 for the sequence, a `FluxTransformer2DModel`),
+both with flow-matching schedulers. Their T5 tokenizer is a real Unigram (sentencepiece-style) model in
+T5's format, trained locally on the same word list; it ships in `assets/tiny_t5/`.
 """
 
 from __future__ import annotations
@@ -22,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 from .binder import english_words
 
 if TYPE_CHECKING:
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-    from transformers import CLIPTokenizer
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 TINY_VOCAB_SIZE = 4096
 # Smaller than the first, so tokenizer_2 keeps fewer merges: words that are one token in the first

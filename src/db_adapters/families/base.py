@@ -39,6 +39,8 @@ class Family(ABC):
         denoiser: the pipeline attribute of the denoiser ("unet", "transformer").
         text_encoders: the pipeline attributes of the text encoders, in prompt-encoding order.
         tokenizers: each text encoder's tokenizer attribute, in the same order.
+        adapter_targets: the denoiser modules adapter strategies (LoRA, ...) adapt by default.
+        text_encoder_adapter_targets: the same for the text encoders.
     """
 
     name: ClassVar[str] = ""
@@ -46,6 +48,9 @@ class Family(ABC):
     denoiser: ClassVar[str] = "unet"
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)
     tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer",)
+    # The peers' choice (diffusers' DreamBooth LoRA scripts for SD and SDXL): attention projections.
+    adapter_targets: ClassVar[tuple[str, ...]] = ("to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_v_proj")
+    text_encoder_adapter_targets: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "out_proj")
 
     # --- which pipelines ---------------------------------------------------------------------------
 

@@ -27,9 +27,6 @@ if TYPE_CHECKING:
     from ..families import Family
 
 ADAPTER_NAME = "dreambooth"
-# The peers' choices (diffusers' train_dreambooth_lora.py and _sdxl.py): attention projections only.
-UNET_TARGETS = ("to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_v_proj")
-TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
 @dataclasses.dataclass
@@ -39,10 +36,10 @@ class LoraOptions:
     rank: int = setting(4, "LoRA rank (4-64 is usual).")
     alpha: float | None = setting(None, "LoRA alpha; the update is scaled by alpha / rank. None: alpha = rank.")
     target_modules: list[str] | None = setting(
-        None, f"Denoiser modules to adapt, comma-separated; None: {','.join(UNET_TARGETS)}."
+        None, "Denoiser modules to adapt, comma-separated; None: the family's (SD, SDXL: the attention projections)."
     )
     text_encoder_target_modules: list[str] | None = setting(
-        None, f"Text-encoder modules to adapt; None: {','.join(TEXT_ENCODER_TARGETS)}."
+        None, "Text-encoder modules to adapt; None: the family's (CLIP: q_proj,k_proj,v_proj,out_proj)."
     )
     dropout: float = setting(0.0, "Dropout on the LoRA layers' input.")
 
@@ -55,15 +52,13 @@ class LoraOptions:
             raise InputError(f"alpha={self.alpha!r} must be a positive number (often equal to rank).")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, int | float) or not 0 <= self.dropout < 1:
             raise InputError(f"dropout={self.dropout!r} must be in [0, 1).")
-        self.target_modules = _module_list("target_modules", self.target_modules, UNET_TARGETS)
-        self.text_encoder_target_modules = _module_list(
-            "text_encoder_target_modules", self.text_encoder_target_modules, TEXT_ENCODER_TARGETS
-        )
+        self.target_modules = _module_list("target_modules", self.target_modules)
+        self.text_encoder_target_modules = _module_list("text_encoder_target_modules", self.text_encoder_target_modules)
 
 
-def _module_list(name: str, value: object, default: tuple[str, ...]) -> list[str]:
+def _module_list(name: str, value: object) -> list[str] | None:
     if value is None:
-        return list(default)
+        return None  # the family's default, chosen when the strategy meets the pipeline
     if isinstance(value, str):
         value = [part.strip() for part in value.split(",") if part.strip()]
     if not value or not all(isinstance(v, str) and v for v in value):
@@ -195,8 +190,16 @@ class Lora(Strategy):
 
     def _targets(self, component: str) -> list[str]:
         if component == self.family.denoiser:
-            return self.options.target_modules
-        return self.options.text_encoder_target_modules
+            return self.options.target_modules or list(self.family.adapter_targets)
+        return self.options.text_encoder_target_modules or list(self.family.text_encoder_adapter_targets)
+
+    def config(self) -> dict[str, Any]:
+        """The options, with the target modules the family chose once the strategy has met a pipeline."""
+        config = super().config()
+        if self.family is not None:
+            config["target_modules"] = self._targets(self.family.denoiser)
+            config["text_encoder_target_modules"] = self._targets(self.family.text_encoders[0])
+        return config
 
 
 def _with_text_model_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
