@@ -240,3 +240,17 @@ def test_sdxl_time_ids_follow_each_training_image():
     rows = get_family("sdxl").image_conditioning([crop_geometry(tall, 32), crop_geometry(wide, 32)], 32)["time_ids"]
     # (original h, w, crop top, left, target h, w): 80x40 -> 64x32, centre crop from row 16; 48x96 -> 32x64.
     assert rows.tolist() == [[80, 40, 16, 0, 32, 32], [48, 96, 0, 16, 32, 32]]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rank4_lora_file_size(family, tmp_path):
+    """Prints the size of a rank-4 LoRA file (denoiser only, and with every text encoder) per family."""
+    sizes = {}
+    for train_text_encoder in (False, True):
+        pipe = tiny_pipeline_of(family)
+        settings = {"steps": 1, "rank": 4, "train_text_encoder": train_text_encoder}
+        adapter = personalize(pipe, make_subject_images(), "dog", output_dir=tmp_path, **settings, **QUICK)
+        path = adapter.save(tmp_path / f"{family}-{train_text_encoder}.safetensors")
+        sizes[train_text_encoder] = path.stat().st_size
+    print(f"{family}: rank-4 LoRA file {sizes[False]} bytes; with the text encoders {sizes[True]} bytes")
+    assert sizes[False] < sizes[True] < 10 * sizes[False]

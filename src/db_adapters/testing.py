@@ -371,9 +371,350 @@ def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     return pipe
 
 
+TINY_T5_VOCAB_SIZE = 2000
+# T5's sentencepiece layout: <pad>, </s> and <unk> take ids 0, 1 and 2; the pipelines pad with id 0.
+_T5_SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
+# Real T5 tokenizers (and SD3's and Flux's tokenizer folders) say 512, the longest `max_sequence_length`
+# either pipeline accepts. Nothing in the pipelines reads it: they pass `max_length=max_sequence_length`.
+_T5_MODEL_MAX_LENGTH = 512
+
+
+def train_tiny_unigram(
+    vocab_size: int = TINY_T5_VOCAB_SIZE, caption_words: tuple[str, ...] = _CAPTION_WORDS
+) -> list[tuple[str, float]]:
+    """Train a T5-format Unigram model on the English word list; return its (piece, log-probability) vocabulary.
+
+    The layout is T5's: `<pad>`, `</s>`, `<unk>` first, then pieces by falling score, words starting
+    with the "▁" space marker. Printable ASCII is in the alphabet, so capitals and punctuation are pieces
+    rather than `<unk>` (T5 is cased). Every caption word is then a whole piece: the trainer seeds only
+    substrings seen in two or more distinct words, so some ("city", "stuffed") would split otherwise; each
+    such word is added scoring just above its split, which Viterbi then prefers. So the vocabulary can
+    hold a few more than `vocab_size` pieces.
+    """
+    import string
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.Unigram())
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(_T5_SPECIAL_TOKENS),
+        unk_token="<unk>",
+        initial_alphabet=list(string.ascii_letters + string.digits + string.punctuation),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(english_words() + list(caption_words) * _CAPTION_WEIGHT, trainer=trainer)
+    scores = {piece: score for piece, score in json.loads(tokenizer.to_str())["model"]["vocab"]}
+    for word in caption_words:
+        if "▁" + word not in scores:
+            scores["▁" + word] = sum(scores[piece] for piece in tokenizer.encode(word).tokens) + 1.0
+    pieces = sorted((item for item in scores.items() if item[0] not in _T5_SPECIAL_TOKENS), key=lambda x: -x[1])
+    return [(special, 0.0) for special in _T5_SPECIAL_TOKENS] + pieces
+
+
+def write_tiny_t5_files(
+    folder: str | Path, caption_words: tuple[str, ...] = _CAPTION_WORDS, vocab_size: int = TINY_T5_VOCAB_SIZE
+) -> None:
+    """Train the tiny Unigram and write it as a T5 tokenizer folder, as `assets/tiny_t5/` was written.
+
+    The files are those of a hub checkpoint's `tokenizer_3/` (SD3) or `tokenizer_2/` (Flux) folder without
+    `spiece.model`: `tokenizer.json` (the `tokenizers` pipeline `T5TokenizerFast` builds: whitespace split,
+    "▁" metaspace, `</s>` appended), `tokenizer_config.json` and `special_tokens_map.json`. They are written
+    with `tokenizers` alone, so they do not depend on the installed transformers version.
+
+    Args:
+        folder (`str` or `Path`): the folder to write; created if missing.
+        caption_words (`tuple[str, ...]`): words weighted up in the corpus and kept whole.
+        vocab_size (`int`): the trainer's vocabulary size.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    vocab = train_tiny_unigram(vocab_size=vocab_size, caption_words=caption_words)
+    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=_T5_SPECIAL_TOKENS.index("<unk>"), byte_fallback=False))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
+        ]
+    )
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", _T5_SPECIAL_TOKENS.index("</s>"))]
+    )
+    tokenizer.add_special_tokens([AddedToken(token, normalized=False) for token in _T5_SPECIAL_TOKENS])
+    special = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
+    # No sentinel `<extra_id_N>` tokens: they serve T5's span-corruption pretraining, not text encoding.
+    config = {
+        "tokenizer_class": "T5Tokenizer",
+        "model_max_length": _T5_MODEL_MAX_LENGTH,
+        "extra_ids": 0,
+        "additional_special_tokens": [],
+        **special,
+    }
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
+
+
+def tiny_t5_tokenizer() -> T5TokenizerFast:
+    """A real T5 tokenizer over the shipped tiny Unigram vocabulary (~2k pieces), built offline.
+
+    Example:
+        >>> from db_adapters.testing import tiny_t5_tokenizer
+        >>> tok = tiny_t5_tokenizer()
+        >>> tok.convert_ids_to_tokens(tok("a dog").input_ids)
+        ['▁a', '▁dog', '</s>']
+        >>> tok.pad_token_id, tok.eos_token_id, tok.unk_token_id, tok.model_max_length
+        (0, 1, 2, 512)
+    """
+    from transformers import T5TokenizerFast
+
+    # The same loading path as a hub checkpoint's tokenizer_3/ (SD3) or tokenizer_2/ (Flux) folder.
+    return T5TokenizerFast.from_pretrained(str(_tiny_tokenizer_dir("tiny_t5")))
+
+
+def _tiny_t5_encoder(tokenizer: T5TokenizerFast, d_model: int) -> T5EncoderModel:
+    from transformers import T5Config, T5EncoderModel
+
+    # T5 v1.1's shape (gated GELU, untied embeddings), the encoder SD3 and Flux ship, in small. T5's
+    # relative position buckets have no length limit, so any `max_sequence_length` runs.
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=d_model,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        is_encoder_decoder=False,
+        use_cache=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return T5EncoderModel(config)
+
+
+def _tiny_flow_vae(seed: int, *, scaling_factor: float, shift_factor: float) -> Any:
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    # SD3's and Flux's VAEs have no quant convs and shift as well as scale their latents. Two blocks make
+    # `vae_scale_factor` 2; 4 latent channels (the real ones have 16) keep it tiny.
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def tiny_sd3_components(seed: int = 0) -> dict[str, Any]:
+    """The components of a tiny SD3 pipeline, shaped like diffusers' own SD3 pipeline tests.
+
+    As in SD3, the transformer's context is the two CLIP encoders' penultimate hidden states side by
+    side (32 + 32), zero-padded to the T5 width, followed by T5's sequence: so `joint_attention_dim` is
+    the T5 width, here 96 (real SD3: 2048 padded to 4096). The pooled embedding is the two CLIP
+    projections side by side (`pooled_projection_dim` 64).
+
+    Args:
+        seed (`int`): seeds the random weights; the same seed gives the same components.
+
+    Example:
+        >>> from db_adapters.testing import tiny_sd3_components
+        >>> components = tiny_sd3_components()
+        >>> config = components["transformer"].config
+        >>> config.joint_attention_dim == components["text_encoder_3"].config.d_model, config.pooled_projection_dim
+        (True, 64)
+    """
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection
+
+    tokenizer = tiny_tokenizer()
+    tokenizer_2 = tiny_tokenizer_2()
+    tokenizer_3 = tiny_t5_tokenizer()
+    t5_width = 96  # wider than the CLIP pair (64), so their embeddings are padded as in SD3
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=16,  # the pipeline's default height is sample_size * vae_scale_factor = 32 px
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=t5_width,
+        caption_projection_dim=32,
+        pooled_projection_dim=64,
+        out_channels=4,
+        pos_embed_max_size=32,
+    )
+    # stable-diffusion-3-medium's VAE latent scaling.
+    vae = _tiny_flow_vae(seed + 1, scaling_factor=1.5305, shift_factor=0.0609)
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModelWithProjection(_tiny_clip_text_config(tokenizer, projection_dim=32))
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_text_config(tokenizer_2, projection_dim=32))
+    torch.manual_seed(seed + 4)
+    text_encoder_3 = _tiny_t5_encoder(tokenizer_3, d_model=t5_width)
+    return {
+        "transformer": transformer,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "text_encoder_2": text_encoder_2,
+        "text_encoder_3": text_encoder_3,
+        "tokenizer": tokenizer,
+        "tokenizer_2": tokenizer_2,
+        "tokenizer_3": tokenizer_3,
+        # stable-diffusion-3-medium's scheduler config.
+        "scheduler": FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        "image_encoder": None,
+        "feature_extractor": None,
+    }
+
+
+def tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
+    """Build a tiny random-weight `StableDiffusion3Pipeline` offline (32x32 images, fp32, CPU).
+
+    The default `max_sequence_length` (256 T5 tokens) runs as is.
+
+    Args:
+        seed (`int`): seeds the random weights; the same seed gives the same pipeline.
+
+    Example:
+        >>> from db_adapters.testing import tiny_sd3_pipeline
+        >>> pipe = tiny_sd3_pipeline()
+        >>> pipe("a dog", num_inference_steps=2, output_type="np").images.shape
+        (1, 32, 32, 3)
+    """
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline(**tiny_sd3_components(seed))
+    for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+        module.eval()  # as from_pretrained leaves them
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_flux_components(seed: int = 0, *, guidance: bool = True) -> dict[str, Any]:
+    """The components of a tiny Flux.1 pipeline, shaped like diffusers' own Flux pipeline tests.
+
+    FLUX.1-dev-style by default: a guidance-distilled transformer (`guidance_embeds`, the pipeline's
+    `guidance_scale` goes in as an embedding) and resolution-dependent timestep shifting. With
+    `guidance=False`, FLUX.1-schnell-style: no guidance embedding and a fixed, unshifted schedule.
+    The pipeline packs 2x2 latent patches into tokens, so the transformer takes 4 * 4 = 16 channels;
+    CLIP gives only the pooled embedding (32) and T5 the whole sequence (`joint_attention_dim` 32).
+
+    Args:
+        seed (`int`): seeds the random weights; the same seed gives the same components.
+        guidance (`bool`): build the guidance-distilled (dev) variant rather than the schnell one.
+
+    Example:
+        >>> from db_adapters.testing import tiny_flux_components
+        >>> components = tiny_flux_components(guidance=False)
+        >>> config = components["transformer"].config
+        >>> config.in_channels, config.guidance_embeds, components["scheduler"].config.use_dynamic_shifting
+        (16, False, False)
+    """
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    tokenizer = tiny_tokenizer()
+    tokenizer_2 = tiny_t5_tokenizer()
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4 * 4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=guidance,
+        axes_dims_rope=(4, 4, 8),  # sums to attention_head_dim
+    )
+    # FLUX.1's VAE latent scaling.
+    vae = _tiny_flow_vae(seed + 1, scaling_factor=0.3611, shift_factor=0.1159)
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(_tiny_clip_text_config(tokenizer))
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = _tiny_t5_encoder(tokenizer_2, d_model=32)
+    # FLUX.1-dev's and FLUX.1-schnell's scheduler configs.
+    if guidance:
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000,
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        )
+    else:
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
+    return {
+        "transformer": transformer,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer": tokenizer,
+        "tokenizer_2": tokenizer_2,
+        "scheduler": scheduler,
+        "image_encoder": None,
+        "feature_extractor": None,
+    }
+
+
+def tiny_flux_pipeline(seed: int = 0, *, guidance: bool = True) -> FluxPipeline:
+    """Build a tiny random-weight `FluxPipeline` offline (32x32 images, fp32, CPU).
+
+    `FluxPipeline` fixes its default size in code (`default_sample_size = 128`, 256 px here), so this sets
+    it to 16 on the instance: a copy saved and loaded again renders 256 px unless given `height` and `width`
+    (multiples of 4, twice `vae_scale_factor`). The default `max_sequence_length` (512 T5 tokens) runs as is.
+
+    Args:
+        seed (`int`): seeds the random weights; the same seed gives the same pipeline.
+        guidance (`bool`): FLUX.1-dev-style (guidance-distilled) if true, FLUX.1-schnell-style if false.
+
+    Example:
+        >>> from db_adapters.testing import tiny_flux_pipeline
+        >>> pipe = tiny_flux_pipeline()
+        >>> pipe("a dog", num_inference_steps=2, output_type="np").images.shape
+        (1, 32, 32, 3)
+    """
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline(**tiny_flux_components(seed, guidance=guidance))
+    pipe.default_sample_size = 16
+    for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+        module.eval()  # as from_pretrained leaves them
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 # Each model family's tiny pipeline, by family name: the family contract suite (tests/test_families.py)
 # runs every registered family on its entry here, so a new family adds its builder to this table.
-TINY_PIPELINES: dict[str, Callable[..., Any]] = {"sd": tiny_pipeline, "sdxl": tiny_sdxl_pipeline}
+TINY_PIPELINES: dict[str, Callable[..., Any]] = {
+    "sd": tiny_pipeline,
+    "sdxl": tiny_sdxl_pipeline,
+    "sd3": tiny_sd3_pipeline,
+    "flux": tiny_flux_pipeline,
+}
 
 
 def tiny_pipeline_of(family: str, seed: int = 0) -> Any:
