@@ -160,6 +160,7 @@ def fixed_instance_loss(pipe, images, prompt: str) -> float:
     """
     import torch
 
+    from db_adapters.config import TrainConfig
     from db_adapters.data import crop_geometry, image_batch
     from db_adapters.families import family_of
     from db_adapters.latents import encode_images
@@ -167,17 +168,18 @@ def fixed_instance_loss(pipe, images, prompt: str) -> float:
     family = family_of(pipe)
     resolution = family.native_resolution(pipe)
     bank = encode_images(pipe.vae, image_batch(images, resolution))
-    latents = (bank.mean * bank.scaling_factor).repeat(4, 1, 1, 1)
+    latents = ((bank.mean - bank.shift_factor) * bank.scaling_factor).repeat(4, 1, 1, 1)
     generator = torch_generator(1234)
-    objective = family.objective(pipe, None)
+    objective = family.objective(pipe, TrainConfig())
     noise = torch.randn(latents.shape, generator=generator)
     timesteps = objective.sample_timesteps(latents.shape[0], generator)
-    encoders = {name: getattr(pipe, name) for name in family.text_encoders}
     with torch.no_grad():
-        prompt_cond = family.encode_prompt(encoders, family.prompt_ids(pipe, prompt))
+        prompt_cond = family.encode_prompt(pipe, family.prompt_ids(pipe, prompt))
+        conditioning_shared = family.run_conditioning(pipe, TrainConfig())
         conditioning = {k: v.expand(latents.shape[0], *v.shape[1:]) for k, v in prompt_cond.items()}
         per_image = family.image_conditioning([crop_geometry(i, resolution) for i in images], resolution)
         conditioning |= {k: v.repeat(4, *[1] * (v.ndim - 1)) for k, v in per_image.items()}
+        conditioning |= {k: v.expand(latents.shape[0], *v.shape[1:]) for k, v in conditioning_shared.items()}
         noisy = objective.add_noise(latents, noise, timesteps)
         prediction = family.predict(getattr(pipe, family.denoiser), noisy, timesteps, conditioning)
     target = objective.target(latents, noise, timesteps)

@@ -57,10 +57,11 @@ def test_full_learns_and_changes_the_denoiser(family, tmp_path):
     encoders = {name: snapshot(getattr(pipe, name)) for name in spec.text_encoders}
     images = make_subject_images()
     adapter = personalize(
-        pipe, images, "dog", strategy="full", steps=20, learning_rate=3e-4, output_dir=tmp_path, **QUICK
+        pipe, images, "dog", strategy="full", steps=20, learning_rate=1e-3, output_dir=tmp_path, **QUICK
     )
     before = fixed_instance_loss(tiny_pipeline_of(family), images, adapter.instance_prompt)
-    assert fixed_instance_loss(pipe, images, adapter.instance_prompt) < 0.9 * before
+    after = fixed_instance_loss(pipe, images, adapter.instance_prompt)
+    assert after < 0.9 * before, (before, after)
     changed = [k for k, v in getattr(pipe, spec.denoiser).state_dict().items() if not torch.equal(v, base[k])]
     assert len(changed) > 0.5 * len(base)
     for name, state in encoders.items():  # frozen unless asked
@@ -72,6 +73,8 @@ def test_full_learns_and_changes_the_denoiser(family, tmp_path):
 def test_every_text_encoder_trains_when_asked(family, strategy, tmp_path):
     pipe = tiny_pipeline_of(family)
     spec = get_family(family)
+    trained = spec.components(train_text_encoder=True)[1:]
+    assert trained
     before = {name: snapshot(getattr(pipe, name)) for name in spec.text_encoders}
     personalize(
         pipe,
@@ -86,7 +89,9 @@ def test_every_text_encoder_trains_when_asked(family, strategy, tmp_path):
     )
     for name in spec.text_encoders:
         state = getattr(pipe, name).state_dict()
-        if strategy == "full":
+        if name not in trained:  # T5 (SD3, Flux) is never trained
+            assert all(torch.equal(v, before[name][k]) for k, v in state.items()), name
+        elif strategy == "full":
             assert any(not torch.equal(state[k], v) for k, v in before[name].items()), name
         else:
             assert any(".lora_B" in k and state[k].abs().sum() > 0 for k in state), name
@@ -99,14 +104,16 @@ def test_text_encoder_lora_learns_under_gradient_checkpointing(family, tmp_path)
     spec = get_family(family)
     seen: dict[str, list[torch.Tensor]] = {}
 
+    trained = spec.components(train_text_encoder=True)[1:]
+
     def record(step, logs):
-        for name in spec.text_encoders:
+        for name in trained:
             params = [p for n, p in getattr(pipe, name).named_parameters() if ".lora_A" in n]
             seen.setdefault(name, []).append(torch.cat([p.detach().flatten() for p in params]).clone())
 
     settings = {"steps": 3, "learning_rate": 1e-2, "gradient_checkpointing": True, "train_text_encoder": True}
     personalize(pipe, make_subject_images(), "dog", callback=record, output_dir=tmp_path, **settings, **QUICK)
-    for name in spec.text_encoders:
+    for name in trained:
         first, last = seen[name][0], seen[name][-1]
         assert not torch.equal(first, last), f"{name}'s LoRA A weights did not change between steps 1 and 3"
         state = getattr(pipe, name).state_dict()
@@ -139,7 +146,7 @@ def test_lora_file_renders_the_same_in_plain_diffusers(family, tmp_path):
     plain.load_lora_weights(str(path))
     assert abs(render_np(plain, prompt) - trained).max() <= 1e-4
     assert abs(trained - base).max() > 1e-3
-    for name in get_family(family).text_encoders:  # every encoder got its layers back
+    for name in get_family(family).components(train_text_encoder=True)[1:]:  # every trained encoder's layers
         assert any("lora" in k for k in getattr(plain, name).state_dict()), name
 
 
@@ -192,6 +199,10 @@ def _img2img_variants(family: str) -> list:
         # The refiner: an img2img pipeline without the first text encoder.
         refiner = {**components, "text_encoder": None, "tokenizer": None}
         variants.append(diffusers.StableDiffusionXLImg2ImgPipeline(**refiner, requires_aesthetics_score=True))
+    elif family == "sd3":
+        variants.append(diffusers.StableDiffusion3Img2ImgPipeline(**components))
+    elif family == "flux":
+        variants.append(diffusers.FluxImg2ImgPipeline(**components))
     return variants
 
 
@@ -212,8 +223,7 @@ def test_unsupported_pipelines_are_named_with_what_is_supported(family):
 def test_sd_conditioning_equals_the_pipelines_own():
     pipe = tiny_pipeline_of("sd")
     family = get_family("sd")
-    encoders = {"text_encoder": pipe.text_encoder}
-    ours = family.encode_prompt(encoders, family.prompt_ids(pipe, "a red dog"))
+    ours = family.encode_prompt(pipe, family.prompt_ids(pipe, "a red dog"))
     theirs, _ = pipe.encode_prompt("a red dog", "cpu", 1, False)
     assert torch.equal(ours["encoder_hidden_states"], theirs)
 
@@ -223,8 +233,7 @@ def test_sdxl_conditioning_equals_the_pipelines_own():
 
     pipe = tiny_pipeline_of("sdxl")
     family = get_family("sdxl")
-    encoders = {name: getattr(pipe, name) for name in family.text_encoders}
-    ours = family.encode_prompt(encoders, family.prompt_ids(pipe, "a red dog"))
+    ours = family.encode_prompt(pipe, family.prompt_ids(pipe, "a red dog"))
     embeds, _, pooled, _ = pipe.encode_prompt("a red dog", device="cpu", do_classifier_free_guidance=False)
     assert torch.equal(ours["encoder_hidden_states"], embeds)  # (1, 77, 32 + 32): both penultimate layers
     assert torch.equal(ours["text_embeds"], pooled)

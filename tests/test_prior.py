@@ -132,11 +132,12 @@ def test_personalize_caches_class_images_in_output_dir(tmp_path, subject_images,
 def test_training_noise_is_ddpm_whatever_the_inference_sampler():
     from diffusers import DDPMScheduler, EulerDiscreteScheduler
 
+    from db_adapters.config import TrainConfig
     from db_adapters.families import family_of
 
     pipe = tiny_pipeline(v_prediction=True)
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    objective = family_of(pipe).objective(pipe, snr_gamma=None)
+    objective = family_of(pipe).objective(pipe, TrainConfig())
     assert isinstance(objective.scheduler, DDPMScheduler)
     assert objective.scheduler.config.prediction_type == "v_prediction"
     assert objective.scheduler.config.beta_schedule == "scaled_linear"

@@ -8,7 +8,10 @@ does not have to unlearn (and does not leak) an existing concept. The paper's re
 2. keep those whose text is at most 3 characters without spaces;
 3. map the sampled tokens back to text and use that as the identifier.
 
-This module applies the recipe to a `transformers` tokenizer, and adds the checks that make the
+This module applies the recipe to `transformers` tokenizers, one or several (a model with several
+text encoders needs an identifier that is one rare token in every one of them: SDXL's two CLIP
+tokenizers; SD3's two CLIP tokenizers and T5's sentencepiece vocabulary, where the identifier must be
+one word-initial piece "▁xyz" with an id in the paper's band). It adds the checks that make the
 choice safe for CLIP-style byte-level BPE vocabularies: the identifier must stay exactly one token
 when written between "a" and the class noun, and must not be an English word (a word has a
 meaning, whatever its id). Random letter strings like "xyz" fail the first check (they split into
@@ -47,6 +50,7 @@ __all__ = [
     "CLIP_RARE_ID_RANGE",
     "CLIP_VOCAB_SIZE",
     "KNOWN_STRONG_PRIORS",
+    "T5_RARE_ID_RANGE",
     "IdentifierWarning",
     "choose_identifier",
     "class_prompt",
@@ -72,6 +76,9 @@ _RARE_START_PERCENT = 50
 _RARE_STOP_PERCENT = 95
 # For CLIP (SD 1.x/2.x/XL text encoders) the rule above gives this fixed, documented band.
 CLIP_RARE_ID_RANGE = range(24_704, 46_937)
+# T5 (SD3's and Flux's third/second encoder): the paper's band of T5-XXL's vocabulary, used as is.
+T5_VOCAB_SIZE = 32_100
+T5_RARE_ID_RANGE = range(5_000, 10_000)
 
 # Short strings that tokenize as a single rare token yet carry a known meaning, so neither the id
 # range nor the word list catches them. Extend as new cases are reported.
@@ -191,16 +198,21 @@ def class_prompt(class_noun: str) -> str:
 
 
 def rare_id_range(tokenizer: PreTrainedTokenizerBase) -> range:
-    """The ids identifiers are drawn from: the band [50%, 95%) of the tokenizer's base vocabulary.
+    """The ids identifiers are drawn from: a rare band of the tokenizer's base vocabulary.
 
-    For CLIP's 49,408-token vocabulary this is `CLIP_RARE_ID_RANGE`, ids 24,704-46,936: the later
-    half of the BPE merges (merged later, so rarer in CLIP's training text), without the last 5%
-    (likely the least-trained embeddings; also where the special tokens sit). Any other vocabulary gets the same
-    fractions of its size. Added tokens (`len(tokenizer) > tokenizer.vocab_size`) are never in the
-    range; special tokens inside it are skipped by `identifier_candidates`.
+    - CLIP-style byte-level BPE (SD 1.x/2.x, SDXL, the CLIP encoders of SD3 and Flux): the band
+      [50%, 95%); for CLIP's 49,408-token vocabulary `CLIP_RARE_ID_RANGE`, ids 24,704-46,936: the later
+      half of the BPE merges (merged later, so rarer in CLIP's training text), without the last 5%
+      (likely the least-trained embeddings; also where the special tokens sit).
+    - T5's sentencepiece vocabulary (SD3's and Flux's T5 encoder): the paper's own band, ids
+      5,000-9,999 of T5's 32,100 (pieces ordered by falling probability, so past the frequent head);
+      another sentencepiece vocabulary gets the same fractions of its size.
+
+    Added tokens (`len(tokenizer) > tokenizer.vocab_size`) are never in the range; special tokens
+    inside it are skipped by `identifier_candidates`.
 
     Args:
-        tokenizer (`PreTrainedTokenizerBase`): the text encoder's tokenizer.
+        tokenizer (`PreTrainedTokenizerBase`): a text encoder's tokenizer.
 
     Returns:
         `range`: the rare ids.
@@ -212,9 +224,16 @@ def rare_id_range(tokenizer: PreTrainedTokenizerBase) -> range:
         range(2048, 3891)
     """
     size = tokenizer.vocab_size
+    if _is_sentencepiece(tokenizer):
+        return range(size * T5_RARE_ID_RANGE.start // T5_VOCAB_SIZE, size * T5_RARE_ID_RANGE.stop // T5_VOCAB_SIZE)
     if size == CLIP_VOCAB_SIZE:
         return CLIP_RARE_ID_RANGE
     return range(size * _RARE_START_PERCENT // 100, size * _RARE_STOP_PERCENT // 100)
+
+
+def _is_sentencepiece(tokenizer: PreTrainedTokenizerBase) -> bool:
+    # T5's tokenizers (slow and fast) are the sentencepiece ones db-adapters meets (SD3, Flux).
+    return type(tokenizer).__name__.startswith(("T5Tokenizer", "T5TokenizerFast"))
 
 
 def _ids(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:

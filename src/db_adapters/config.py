@@ -25,6 +25,8 @@ DEFAULT_CLASS_INFERENCE_STEPS = 25
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 CLASS_SAMPLERS = ("dpmsolver++", "ddim", "euler", "ddpm", "pipeline")
+TIMESTEP_DENSITIES = ("uniform", "logit_normal", "mode")
+FLOW_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
 
 
 def setting(
@@ -81,7 +83,25 @@ class TrainConfig:
     train_text_encoder: bool = setting(False, "Train the text encoder(s) too (all of the family's encoders).")
     resolution: int | None = setting(None, "Training size in pixels, a multiple of 8; None: the model's native size.")
     random_flip: bool = setting(False, "Also train on left-right mirrored subject images.")
-    snr_gamma: float | None = setting(None, "Min-SNR weighting gamma (5.0 is usual), applied to each half on its own.")
+    snr_gamma: float | None = setting(
+        None, "Min-SNR weighting gamma (5.0 is usual), applied to each half on its own (SD 1.x/2.x, SDXL)."
+    )
+    timestep_density: str = setting(
+        "uniform",
+        "Flow-matching models (SD3, Flux): how training sigmas are drawn (diffusers' SD3 densities).",
+        choices=TIMESTEP_DENSITIES,
+    )
+    logit_mean: float = setting(0.0, "Mean of the logit-normal timestep density (SD3, Flux).")
+    logit_std: float = setting(1.0, "Standard deviation of the logit-normal timestep density (SD3, Flux).")
+    mode_scale: float = setting(1.29, "Scale of the 'mode' timestep density (SD3, Flux).")
+    loss_weighting: str = setting(
+        "none",
+        "Flow-matching loss weighting per sample: 'none', 'sigma_sqrt' or 'cosmap' (SD3, Flux).",
+        choices=FLOW_WEIGHTINGS,
+    )
+    guidance_scale: float = setting(
+        1.0, "Flux dev (guidance-distilled): the guidance value the transformer is given while training."
+    )
     noise_offset: float = setting(0.0, "Offset-noise strength (0.05-0.1 helps very dark or bright images).")
     mixed_precision: str | None = setting(
         None,
@@ -103,8 +123,11 @@ class TrainConfig:
     )
     validation_every: int | None = setting(None, "Render previews every N steps into output_dir/previews.")
     validation_steps: int = setting(25, "Sampler steps of each preview.")
-    class_sampler: str = setting(
-        "dpmsolver++", "Sampler of the class images ('ddpm' is the paper's ancestral sampling).", choices=CLASS_SAMPLERS
+    class_sampler: str | None = setting(
+        None,
+        "Sampler of the class images ('ddpm' is the paper's ancestral sampling); None: DPM-Solver++ for SD and "
+        "SDXL, the pipeline's own flow-matching sampler for SD3 and Flux.",
+        choices=CLASS_SAMPLERS,
     )
     class_inference_steps: int | None = setting(None, "Sampler steps per class image; None: 25, or the recommendation.")
     class_guidance_scale: float | None = setting(
@@ -154,7 +177,15 @@ class TrainConfig:
         if self.mixed_precision is not None:
             self._check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
         self._check_choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
-        self._check_choice("class_sampler", self.class_sampler, CLASS_SAMPLERS)
+        if self.class_sampler is not None:
+            self._check_choice("class_sampler", self.class_sampler, CLASS_SAMPLERS)
+        self._check_choice("timestep_density", self.timestep_density, TIMESTEP_DENSITIES)
+        self._check_choice("loss_weighting", self.loss_weighting, FLOW_WEIGHTINGS)
+        for name in ("logit_mean", "logit_std", "mode_scale", "guidance_scale"):
+            if not (_is_number(getattr(self, name)) and math.isfinite(getattr(self, name))):
+                raise InputError(f"{name}={getattr(self, name)!r} must be a finite number.")
+        if self.logit_std <= 0:
+            raise InputError(f"logit_std={self.logit_std!r} must be positive (1.0 is usual).")
         if self.resolution is not None:
             from .data import validate_resolution
 

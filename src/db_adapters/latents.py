@@ -59,10 +59,12 @@ class TrainingHalf:
 
 @dataclass
 class TrainingSet:
-    """The instance half, and the class half when prior preservation is on."""
+    """The instance half, the class half when prior preservation is on, and the conditioning every
+    sample of the run shares (Flux's guidance value), batch 1."""
 
     instance: TrainingHalf
     prior: TrainingHalf | None = None
+    shared: Conditioning = field(default_factory=dict)
 
 
 def encode_images(vae: Any, pixels: torch.Tensor, batch_size: int = 8) -> LatentBank:
@@ -96,7 +98,10 @@ def training_set(pipe: Any, plan: RunPlan, prior: list[Image.Image]) -> Training
     if config.random_flip:
         subject = subject + subject
     flips = [False] * len(plan.subject) + [True] * (len(subject) - len(plan.subject))
-    data = TrainingSet(instance=_half(pipe, plan, subject, plan.instance_prompt, flips))
+    data = TrainingSet(
+        instance=_half(pipe, plan, subject, plan.instance_prompt, flips),
+        shared=plan.family.run_conditioning(pipe, config),
+    )
     if prior:
         data.prior = _half(pipe, plan, prior, plan.class_prompt, [False] * len(prior))
     return data
@@ -114,8 +119,7 @@ def _half(pipe: Any, plan: RunPlan, images: list[Image.Image], prompt: str, flip
         image_conditioning=family.image_conditioning(geometries, resolution),
     )
     if not plan.config.train_text_encoder:
-        encoders = {name: getattr(pipe, name) for name in family.text_encoders}
         with torch.no_grad():
-            embeds = family.encode_prompt(encoders, half.prompt_ids)
+            embeds = family.encode_prompt(pipe, half.prompt_ids)
         half.prompt_embeds = {key: value.float() for key, value in embeds.items()}
     return half

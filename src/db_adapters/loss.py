@@ -1,13 +1,15 @@
-"""The DreamBooth prior-preservation loss, with optional min-SNR timestep weighting.
+"""The DreamBooth prior-preservation loss, for the DDPM objective (optional min-SNR weighting) and for
+flow matching (SD3/Flux weighting schemes).
 
 The paper's objective (epsilon form) is
 
     w_t ||eps_theta(x_t, t, c) - eps||^2 + lambda * w_t' ||eps_theta(x'_t', t', c_pr) - eps'||^2
 
 The instance half (the subject's photos, prompt c) and the prior half (generated class images,
-prompt c_pr) are separate `LossHalf` values, each carrying its own timesteps, and each is weighted
-with weights computed from its own timesteps only. Weights computed over the concatenated 2B
-timesteps and applied to B losses (diffusers issue #5791) therefore cannot be expressed here.
+prompt c_pr) are separate `LossHalf` values, each carrying its own noise levels (DDPM timesteps, or
+flow-matching sigmas), and each is weighted with weights computed from its own levels only. Weights
+computed over the concatenated 2B levels and applied to B losses (diffusers issue #5791, and the same
+pattern in the SD3/Flux DreamBooth scripts) therefore cannot be expressed here.
 
 Example:
     >>> import torch
@@ -25,6 +27,7 @@ from typing import Any
 
 import torch
 
+from .config import FLOW_WEIGHTINGS
 from .errors import InputError
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -32,12 +35,12 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 @dataclass(frozen=True)
 class LossHalf:
-    """One half of the DreamBooth loss: model outputs, their targets and the timesteps they were noised at.
+    """One half of the DreamBooth loss: model outputs, their targets and the noise levels they were noised at.
 
     Args:
         prediction: Model output, shape (B, C, H, W).
-        target: What the model should have output (noise, or velocity), same shape as `prediction`.
-        timesteps: The timestep of each sample, shape (B,), integer dtype.
+        target: What the model should have output (noise, velocity, or the flow), same shape as `prediction`.
+        timesteps: The noise level of each sample, shape (B,): integer DDPM timesteps, or flow-matching sigmas.
 
     Example:
         >>> import torch
@@ -63,8 +66,6 @@ class LossHalf:
                 f"timesteps must have shape ({batch},), one per sample of prediction "
                 f"{tuple(self.prediction.shape)}, got {tuple(self.timesteps.shape)}"
             )
-        if self.timesteps.is_floating_point() or self.timesteps.is_complex():
-            raise ValueError(f"timesteps must be integer indices into alphas_cumprod, got dtype {self.timesteps.dtype}")
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,69 @@ class LossTerms:
     prior: torch.Tensor | None
 
 
-class PriorPreservationLoss:
+class HalfWeightedLoss:
+    """instance + `prior_loss_weight` * prior, each half's per-sample MSE weighted by its own noise levels.
+
+    Subclasses say how a noise level becomes a weight (`timestep_weights`).
+    """
+
+    prior_loss_weight: float = 1.0
+
+    def timestep_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """One float32 weight per sample."""
+        raise NotImplementedError
+
+    def half_loss(self, half: LossHalf) -> torch.Tensor:
+        """Weighted MSE of one half: per-sample mean over C, H, W, times that half's own weights, batch mean.
+
+        Args:
+            half: Predictions, targets and noise levels of one half (instance or prior).
+
+        Returns:
+            A float32 scalar, attached to the graph of `half.prediction`.
+
+        Example:
+            >>> import torch
+            >>> half = LossHalf(torch.full((2, 1, 1, 1), 3.0), torch.ones(2, 1, 1, 1), torch.tensor([0, 1]))
+            >>> PriorPreservationLoss(torch.tensor([0.8, 0.5])).half_loss(half).item()  # (3 - 1)^2
+            4.0
+        """
+        # float32 even under fp16/bf16 autocast: squared errors of small residuals underflow in fp16.
+        error = half.prediction.float() - half.target.float()
+        per_sample = error.pow(2).reshape(error.shape[0], -1).mean(dim=1)
+        return (per_sample * self.timestep_weights(half.timesteps)).mean()
+
+    def __call__(self, instance: LossHalf, prior: LossHalf | None = None) -> LossTerms:
+        """Compute instance + prior_loss_weight * prior, each half weighted by its own noise levels.
+
+        Args:
+            instance: The subject images' half.
+            prior: The class images' half, or None to train without prior preservation.
+
+        Returns:
+            The total loss to backpropagate and its parts for logging.
+
+        Example:
+            >>> import torch
+            >>> half = LossHalf(torch.ones(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), torch.tensor([0]))
+            >>> PriorPreservationLoss(torch.tensor([0.8])).__call__(half).prior is None
+            True
+        """
+        instance_loss = self.half_loss(instance)
+        if prior is None:
+            return LossTerms(total=instance_loss, instance=instance_loss, prior=None)
+        prior_loss = self.half_loss(prior)
+        total = instance_loss + self.prior_loss_weight * prior_loss
+        return LossTerms(total=total, instance=instance_loss, prior=prior_loss)
+
+
+def _check_prior_loss_weight(prior_loss_weight: float) -> float:
+    if not prior_loss_weight >= 0:
+        raise InputError(f"prior_loss_weight must be 0 or more, got {prior_loss_weight!r}; 1.0 is the usual value")
+    return float(prior_loss_weight)
+
+
+class PriorPreservationLoss(HalfWeightedLoss):
     """DreamBooth's loss: instance MSE plus `prior_loss_weight` times class-image MSE, each min-SNR weighted.
 
     Args:
@@ -108,8 +171,7 @@ class PriorPreservationLoss:
         snr_gamma: float | None = None,
     ) -> None:
         _check_prediction_type(prediction_type)
-        if not prior_loss_weight >= 0:
-            raise InputError(f"prior_loss_weight must be 0 or more, got {prior_loss_weight!r}; 1.0 is the usual value")
+        _check_prior_loss_weight(prior_loss_weight)
         if snr_gamma is not None and not snr_gamma > 0:
             raise InputError(
                 f"snr_gamma must be positive or None (no min-SNR weighting), got {snr_gamma!r}; 5.0 is the usual value"
@@ -186,6 +248,7 @@ class PriorPreservationLoss:
             >>> round(loss.timestep_weights(torch.tensor([0])).item(), 4)  # min(4, 2) / (4 + 1)
             0.4
         """
+        _check_integer(timesteps)
         if self.snr_gamma is None:
             return torch.ones(timesteps.shape, dtype=torch.float32, device=timesteps.device)
         snr = self.snr(timesteps)
@@ -195,50 +258,8 @@ class PriorPreservationLoss:
             return (self.snr_gamma / snr).clamp(max=1.0)
         return snr.clamp(max=self.snr_gamma) / (snr + 1.0)
 
-    def half_loss(self, half: LossHalf) -> torch.Tensor:
-        """Weighted MSE of one half: per-sample mean over C, H, W, times that half's own weights, batch mean.
-
-        Args:
-            half: Predictions, targets and timesteps of one half (instance or prior).
-
-        Returns:
-            A float32 scalar, attached to the graph of `half.prediction`.
-
-        Example:
-            >>> import torch
-            >>> half = LossHalf(torch.full((2, 1, 1, 1), 3.0), torch.ones(2, 1, 1, 1), torch.tensor([0, 1]))
-            >>> PriorPreservationLoss(torch.tensor([0.8, 0.5])).half_loss(half).item()  # (3 - 1)^2
-            4.0
-        """
-        # float32 even under fp16/bf16 autocast: squared errors of small residuals underflow in fp16.
-        error = half.prediction.float() - half.target.float()
-        per_sample = error.pow(2).reshape(error.shape[0], -1).mean(dim=1)
-        return (per_sample * self.timestep_weights(half.timesteps)).mean()
-
-    def __call__(self, instance: LossHalf, prior: LossHalf | None = None) -> LossTerms:
-        """Compute instance + prior_loss_weight * prior, each half weighted by its own timesteps.
-
-        Args:
-            instance: The subject images' half.
-            prior: The class images' half, or None to train without prior preservation.
-
-        Returns:
-            The total loss to backpropagate and its parts for logging.
-
-        Example:
-            >>> import torch
-            >>> half = LossHalf(torch.ones(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), torch.tensor([0]))
-            >>> PriorPreservationLoss(torch.tensor([0.8])).__call__(half).prior is None
-            True
-        """
-        instance_loss = self.half_loss(instance)
-        if prior is None:
-            return LossTerms(total=instance_loss, instance=instance_loss, prior=None)
-        prior_loss = self.half_loss(prior)
-        total = instance_loss + self.prior_loss_weight * prior_loss
-        return LossTerms(total=total, instance=instance_loss, prior=prior_loss)
-
     def _check_timesteps_in_range(self, timesteps: torch.Tensor) -> None:
+        _check_integer(timesteps)
         # Out-of-range indices are a device-side assert on CUDA, far harder to read than this message.
         steps = self._snr_table.shape[0]
         if timesteps.numel() and (int(timesteps.min()) < 0 or int(timesteps.max()) >= steps):
@@ -246,6 +267,44 @@ class PriorPreservationLoss:
                 f"timesteps must lie in [0, {steps - 1}] (the schedule has {steps} steps), got "
                 f"{int(timesteps.min())}..{int(timesteps.max())}"
             )
+
+
+def _check_integer(timesteps: torch.Tensor) -> None:
+    if timesteps.is_floating_point() or timesteps.is_complex():
+        raise ValueError(f"timesteps must be integer indices into alphas_cumprod, got dtype {timesteps.dtype}")
+
+
+class FlowMatchingLoss(HalfWeightedLoss):
+    """The prior-preservation loss for rectified-flow models (SD3, Flux), each half weighted by its own sigmas.
+
+    The weights are diffusers' `compute_loss_weighting_for_sd3`: "none" 1, "sigma_sqrt" 1 / sigma^2,
+    "cosmap" 2 / (pi (1 - 2 sigma + 2 sigma^2)).
+
+    Args:
+        weighting: "none", "sigma_sqrt" or "cosmap".
+        prior_loss_weight: Lambda, the weight of the prior-preservation half; 0 or more.
+
+    Example:
+        >>> import torch
+        >>> loss = FlowMatchingLoss("sigma_sqrt")
+        >>> loss.timestep_weights(torch.tensor([0.5, 0.25])).tolist()  # 1 / sigma^2
+        [4.0, 16.0]
+    """
+
+    def __init__(self, weighting: str = "none", prior_loss_weight: float = 1.0) -> None:
+        if weighting not in FLOW_WEIGHTINGS:
+            raise InputError(f"loss weighting {weighting!r} is not one of {', '.join(FLOW_WEIGHTINGS)}")
+        self.weighting = weighting
+        self.prior_loss_weight = _check_prior_loss_weight(prior_loss_weight)
+
+    def timestep_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """The weight of each sample from its sigma in (0, 1], float32, shape (B,)."""
+        from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+        sigmas = timesteps.float()
+        if not sigmas.is_floating_point() or (sigmas.numel() and (sigmas.min() < 0 or sigmas.max() > 1)):
+            raise ValueError("flow-matching noise levels must be sigmas in [0, 1]")
+        return compute_loss_weighting_for_sd3(self.weighting, sigmas).float().reshape(sigmas.shape)
 
 
 def training_target(

@@ -116,6 +116,7 @@ def _resolve_defaults(pipe: Any, family: type[Family], strategy: Strategy, confi
         return value if value is not None else recommended.get(name, fallback)
 
     learning_rate = pick("learning_rate", strategy.default_learning_rate)
+    _check_family_settings(pipe, family, config)
     return dataclasses.replace(
         config,
         steps=pick("steps", DEFAULT_STEPS),
@@ -124,9 +125,24 @@ def _resolve_defaults(pipe: Any, family: type[Family], strategy: Strategy, confi
         num_class_images=pick("num_class_images", DEFAULT_NUM_CLASS_IMAGES),
         class_inference_steps=pick("class_inference_steps", DEFAULT_CLASS_INFERENCE_STEPS),
         class_guidance_scale=_class_guidance(pipe, config.class_guidance_scale),
+        class_sampler=config.class_sampler or family.class_samplers[0],
         resolution=config.resolution or family.native_resolution(pipe),
         mixed_precision=resolve_mixed_precision(config.mixed_precision, getattr(pipe, family.denoiser).dtype),
     )
+
+
+def _check_family_settings(pipe: Any, family: type[Family], config: TrainConfig) -> None:
+    multiple = family.resolution_multiple(pipe)
+    if config.resolution is not None and config.resolution % multiple:
+        raise InputError(
+            f"resolution={config.resolution} must be a multiple of {multiple} for {family.title} (its VAE and "
+            f"latent patches); e.g. {config.resolution // multiple * multiple or multiple}."
+        )
+    if config.class_sampler is not None and config.class_sampler not in family.class_samplers:
+        raise InputError(
+            f"class_sampler={config.class_sampler!r} does not suit {family.title}; use one of: "
+            f"{', '.join(family.class_samplers)}."
+        )
 
 
 def resolve_mixed_precision(requested: str | None, dtype: torch.dtype) -> str:

@@ -395,21 +395,32 @@ def train_tiny_unigram(
 
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
+    alphabet = list(string.ascii_letters + string.digits + string.punctuation)
     tokenizer = Tokenizer(models.Unigram())
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
     trainer = trainers.UnigramTrainer(
         vocab_size=vocab_size,
         special_tokens=list(_T5_SPECIAL_TOKENS),
         unk_token="<unk>",
-        initial_alphabet=list(string.ascii_letters + string.digits + string.punctuation),
+        initial_alphabet=alphabet,
         show_progress=False,
     )
-    tokenizer.train_from_iterator(english_words() + list(caption_words) * _CAPTION_WEIGHT, trainer=trainer)
-    scores = {piece: score for piece, score in json.loads(tokenizer.to_str())["model"]["vocab"]}
+    corpus = english_words() + list(caption_words) * _CAPTION_WEIGHT
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
+    # Rounded (sentencepiece keeps float32 scores anyway): the multithreaded trainer's last digits vary
+    # from run to run, and ties then sort by piece, so the written files are reproducible.
+    scores = {piece: round(score, 6) for piece, score in json.loads(tokenizer.to_str())["model"]["vocab"]}
+    # Alphabet characters absent from the corpus get arbitrary (hash-ordered) scores from the trainer;
+    # no longer piece holds them, so one fixed score changes no split.
+    unseen = set(alphabet) - set("".join(corpus))
+    floor = min(score for piece, score in scores.items() if piece not in unseen)
+    scores.update(dict.fromkeys(unseen, floor - 1.0))
     for word in caption_words:
         if "▁" + word not in scores:
             scores["▁" + word] = sum(scores[piece] for piece in tokenizer.encode(word).tokens) + 1.0
-    pieces = sorted((item for item in scores.items() if item[0] not in _T5_SPECIAL_TOKENS), key=lambda x: -x[1])
+    pieces = sorted(
+        (item for item in scores.items() if item[0] not in _T5_SPECIAL_TOKENS), key=lambda item: (-item[1], item[0])
+    )
     return [(special, 0.0) for special in _T5_SPECIAL_TOKENS] + pieces
 
 
@@ -553,7 +564,9 @@ def tiny_sd3_components(seed: int = 0) -> dict[str, Any]:
         sample_size=16,  # the pipeline's default height is sample_size * vae_scale_factor = 32 px
         patch_size=1,
         in_channels=4,
-        num_layers=1,
+        # Two, not one: SD3's last block updates only the image stream (no `attn.to_add_out`, no
+        # `ff_context`), so a single block would lack layers LoRA targets in every other block.
+        num_layers=2,
         attention_head_dim=8,
         num_attention_heads=4,
         joint_attention_dim=t5_width,

@@ -227,7 +227,7 @@ class Trainer:
         self.callback, self.validation = callback, validation
         self.checkpoints, self.resume_from = checkpoints, resume_from
         self.last_checkpoint: Path | None = resume_from[0] if resume_from else None
-        self.objective = self.family.objective(pipe, self.config.snr_gamma)
+        self.objective = self.family.objective(pipe, self.config)
         self.loss = self.objective.loss(self.config.prior_loss_weight)
         self.history: list[dict[str, float]] = []
 
@@ -441,9 +441,10 @@ class Trainer:
         timesteps = self.objective.sample_timesteps(batch, gen)
         prompt = half.prompt_embeds
         if prompt is None:  # the text encoders train: encode the prompt through them, every step
-            prompt = self.family.encode_prompt(self._models, half.prompt_ids)
+            prompt = self.family.encode_prompt(self.pipe, half.prompt_ids, self._models)
         conditioning = {key: value.expand(batch, *value.shape[1:]) for key, value in prompt.items()}
         conditioning |= {key: value[indices] for key, value in half.image_conditioning.items()}
+        conditioning |= {key: value.expand(batch, *value.shape[1:]) for key, value in self.data.shared.items()}
         return HalfBatch(
             noisy=self.objective.add_noise(latents, noise, timesteps),
             timesteps=timesteps,

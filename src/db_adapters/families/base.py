@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
     import torch
 
+    from ..config import TrainConfig
     from ..data import CropGeometry
     from ..objectives import Objective
 
@@ -39,6 +40,9 @@ class Family(ABC):
         denoiser: the pipeline attribute of the denoiser ("unet", "transformer").
         text_encoders: the pipeline attributes of the text encoders, in prompt-encoding order.
         tokenizers: each text encoder's tokenizer attribute, in the same order.
+        trained_text_encoders: those `train_text_encoder` trains (SD3's and Flux's T5 stays frozen).
+        optional_parts: parts a pipeline may lack (SD3 runs without its T5; its conditioning is then zeros).
+        class_samplers: the class-image samplers that suit the model, the default first.
         adapter_targets: the denoiser modules adapter strategies (LoRA, ...) adapt by default.
         text_encoder_adapter_targets: the same for the text encoders.
     """
@@ -48,6 +52,10 @@ class Family(ABC):
     denoiser: ClassVar[str] = "unet"
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)
     tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer",)
+    trained_text_encoders: ClassVar[tuple[str, ...] | None] = None  # None: all of `text_encoders`
+    optional_parts: ClassVar[tuple[str, ...]] = ()
+    # The samplers class images may be drawn with, the default first (`prior.py` knows them by name).
+    class_samplers: ClassVar[tuple[str, ...]] = ("dpmsolver++", "ddim", "euler", "ddpm", "pipeline")
     # The peers' choice (diffusers' DreamBooth LoRA scripts for SD and SDXL): attention projections.
     adapter_targets: ClassVar[tuple[str, ...]] = ("to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_v_proj")
     text_encoder_adapter_targets: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -63,7 +71,7 @@ class Family(ABC):
     def check(cls, pipe: Any) -> None:
         """Raise `InputError` if `pipe`, though of this family, lacks a part training needs."""
         for part in (cls.denoiser, "vae", *cls.text_encoders, *cls.tokenizers):
-            if getattr(pipe, part, None) is None:
+            if getattr(pipe, part, None) is None and part not in cls.optional_parts:
                 raise InputError(
                     f"pipeline {type(pipe).__name__} has no `{part}`; db-adapters trains {cls.title} pipelines "
                     "with every part loaded (a refiner without its first text encoder cannot be personalized)."
@@ -73,18 +81,26 @@ class Family(ABC):
 
     @classmethod
     def components(cls, train_text_encoder: bool = True) -> tuple[str, ...]:
-        """The components a strategy may train: the denoiser, then the text encoders if asked."""
-        return (cls.denoiser, *cls.text_encoders) if train_text_encoder else (cls.denoiser,)
+        """The components a strategy may train: the denoiser, then the trainable text encoders if asked."""
+        encoders = cls.text_encoders if cls.trained_text_encoders is None else cls.trained_text_encoders
+        return (cls.denoiser, *encoders) if train_text_encoder else (cls.denoiser,)
 
     @classmethod
     def tokenizer_list(cls, pipe: Any) -> list[Any]:
         """The pipeline's tokenizers, in text-encoder order (the binder checks identifiers in all of them)."""
-        return [getattr(pipe, name) for name in cls.tokenizers]
+        return [getattr(pipe, name) for name in cls.tokenizers if getattr(pipe, name, None) is not None]
 
     @classmethod
     def native_resolution(cls, pipe: Any) -> int:
-        """The image size the pipeline was trained at (512 for SD 1.5, 768 for SD 2.x v, 1024 for SDXL)."""
-        return int(getattr(pipe, cls.denoiser).config.sample_size) * int(pipe.vae_scale_factor)
+        """The image size the pipeline was trained at (512 for SD 1.5, 768 for SD 2.x v, 1024 for SDXL and Flux)."""
+        # SDXL, SD3 and Flux pipelines carry `default_sample_size`; SD 1.x/2.x read the UNet's config.
+        sample_size = getattr(pipe, "default_sample_size", None) or getattr(pipe, cls.denoiser).config.sample_size
+        return int(sample_size) * int(pipe.vae_scale_factor)
+
+    @classmethod
+    def resolution_multiple(cls, pipe: Any) -> int:
+        """Training sizes must be multiples of this: the VAE's downsampling times the denoiser's patch size."""
+        return int(pipe.vae_scale_factor) * int(getattr(getattr(pipe, cls.denoiser).config, "patch_size", 1) or 1)
 
     # --- prompts and conditioning ------------------------------------------------------------------
 
@@ -93,24 +109,47 @@ class Family(ABC):
         """Token ids of `prompt` per text encoder, each (1, max_length), padded as the pipeline pads."""
         ids = {}
         for encoder, tokenizer_name in zip(cls.text_encoders, cls.tokenizers, strict=True):
-            tokenizer = getattr(pipe, tokenizer_name)
+            tokenizer = getattr(pipe, tokenizer_name, None)
+            if tokenizer is None:  # an optional encoder the pipeline was loaded without
+                continue
             ids[encoder] = tokenizer(
                 prompt,
                 padding="max_length",
-                max_length=tokenizer.model_max_length,
+                max_length=cls.max_length(tokenizer_name, tokenizer),
                 truncation=True,
                 return_tensors="pt",
             ).input_ids
         return ids
 
     @classmethod
+    def max_length(cls, tokenizer_name: str, tokenizer: Any) -> int:
+        """How many tokens the pipeline pads a prompt to for this tokenizer (CLIP: 77)."""
+        return int(tokenizer.model_max_length)
+
+    @classmethod
     @abstractmethod
-    def encode_prompt(cls, encoders: Mapping[str, torch.nn.Module], ids: Mapping[str, torch.Tensor]) -> Conditioning:
-        """The prompt's conditioning (batch 1) from the text encoders, as the pipeline computes it."""
+    def encode_prompt(
+        cls, pipe: Any, ids: Mapping[str, torch.Tensor], encoders: Mapping[str, torch.nn.Module] | None = None
+    ) -> Conditioning:
+        """The prompt's conditioning (batch 1), as the pipeline computes it at inference.
+
+        `encoders` are the modules to run instead of the pipeline's own (the trained text encoders,
+        as the trainer wraps them); any encoder not in it is the pipeline's.
+        """
+
+    @classmethod
+    def encoder(cls, pipe: Any, name: str, encoders: Mapping[str, torch.nn.Module] | None) -> Any:
+        """The text encoder `name` to run: the trainer's module if it has one, else the pipeline's (or None)."""
+        return (encoders or {}).get(name) or getattr(pipe, name, None)
 
     @classmethod
     def image_conditioning(cls, geometries: Sequence[CropGeometry], resolution: int) -> Conditioning:
         """Per-image conditioning from each training image's size and crop (N first); none by default."""
+        return {}
+
+    @classmethod
+    def run_conditioning(cls, pipe: Any, config: TrainConfig) -> Conditioning:
+        """Conditioning that is the same for every sample of the run (batch 1); none by default."""
         return {}
 
     @classmethod
@@ -122,8 +161,8 @@ class Family(ABC):
 
     @classmethod
     @abstractmethod
-    def objective(cls, pipe: Any, snr_gamma: float | None) -> Objective:
-        """The training objective: noise schedule, target and per-sample weighting."""
+    def objective(cls, pipe: Any, config: TrainConfig) -> Objective:
+        """The training objective (noise schedule, target, per-sample weighting) with the run's settings."""
 
     # --- files -------------------------------------------------------------------------------------
 
@@ -150,11 +189,20 @@ class Family(ABC):
     @classmethod
     def fingerprint_tensors(cls, pipe: Any) -> list[torch.Tensor]:
         """A few base weights that differ between any two trainings: every token embedding table and the
-        denoiser's first and last layers. Hashing all of SDXL would read 10 GB; these stand for the whole."""
-        tensors = [getattr(pipe, name).get_input_embeddings().weight for name in cls.text_encoders]
-        # Weights, not biases: for a UNet these are conv_in's and conv_out's kernels.
-        weights = [p for p in getattr(pipe, cls.denoiser).parameters() if p.ndim > 1]
-        return [*tensors, weights[0], weights[-1]]
+        denoiser's first and last weights outside its Linear layers (for a UNet, conv_in's and conv_out's
+        kernels). Linear layers are left out because a quantized base (QLoRA) stores them packed; hashing
+        all of SDXL would read 10 GB, and these stand for the whole."""
+        encoders = [getattr(pipe, name, None) for name in cls.text_encoders]
+        tensors = [encoder.get_input_embeddings().weight for encoder in encoders if encoder is not None]
+        weights = [
+            parameter
+            for module in getattr(pipe, cls.denoiser).modules()
+            if not _is_linear(module)
+            for parameter in module.parameters(recurse=False)
+            if parameter.is_floating_point()
+        ]
+        kernels = [w for w in weights if w.ndim > 1] or weights
+        return [*tensors, kernels[0], kernels[-1]] if kernels else tensors
 
     @classmethod
     def architecture_fingerprint(cls, pipe: Any) -> str:
@@ -164,10 +212,33 @@ class Family(ABC):
 
 
 def base_module_shapes(module: torch.nn.Module) -> dict[str, list[int]]:
-    """Parameter names and shapes of `module` as it was before any peft layers were injected."""
+    """Parameter names and shapes of `module` as it was before any peft layers were injected, and as it
+    would be unquantized: a bitsandbytes layer counts as the Linear it stands for (its packed weight
+    and quantization state are not the architecture)."""
+    quantized = {
+        name.replace(".base_layer", ""): layer for name, layer in module.named_modules() if _is_quantized_linear(layer)
+    }
     shapes = {}
     for name, tensor in module.state_dict().items():
         if "lora_" in name or ".lora." in name:
             continue
-        shapes[name.replace(".base_layer.", ".")] = list(tensor.shape)
+        name = name.replace(".base_layer.", ".")
+        layer_name, _, rest = name.rpartition(".weight")
+        if layer_name in quantized and name.startswith(f"{layer_name}.weight"):
+            if rest == "":  # the weight itself, as the Linear's (out, in); quantization state is left out
+                shapes[name] = [quantized[layer_name].out_features, quantized[layer_name].in_features]
+            continue
+        shapes[name] = list(tensor.shape)
     return shapes
+
+
+def _is_linear(module: Any) -> bool:
+    import torch
+
+    return isinstance(module, torch.nn.Linear) or _is_quantized_linear(module)
+
+
+def _is_quantized_linear(module: Any) -> bool:
+    # bitsandbytes' Linear4bit / Linear8bitLt (subclasses of nn.Linear), by their packed weight.
+    weight = getattr(module, "weight", None)
+    return hasattr(module, "in_features") and type(weight).__name__ in ("Params4bit", "Int8Params")

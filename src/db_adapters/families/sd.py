@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
     import torch
 
+    from ..config import TrainConfig
     from ..objectives import Objective
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -41,8 +42,10 @@ class StableDiffusion(Family):
         check_prediction_type(pipe)
 
     @classmethod
-    def encode_prompt(cls, encoders: Mapping[str, torch.nn.Module], ids: Mapping[str, torch.Tensor]) -> Conditioning:
-        encoder = encoders["text_encoder"]
+    def encode_prompt(
+        cls, pipe: Any, ids: Mapping[str, torch.Tensor], encoders: Mapping[str, torch.nn.Module] | None = None
+    ) -> Conditioning:
+        encoder = cls.encoder(pipe, "text_encoder", encoders)
         return {"encoder_hidden_states": encoder(ids["text_encoder"].to(encoder.device))[0]}  # (1, 77, D)
 
     @classmethod
@@ -52,10 +55,26 @@ class StableDiffusion(Family):
         return denoiser(noisy, timesteps, conditioning["encoder_hidden_states"]).sample
 
     @classmethod
-    def objective(cls, pipe: Any, snr_gamma: float | None) -> Objective:
-        from ..objectives import DDPMObjective
+    def objective(cls, pipe: Any, config: TrainConfig) -> Objective:
+        return ddpm_objective(pipe, config, cls.title)
 
-        return DDPMObjective(pipe.scheduler.config, snr_gamma)
+
+def ddpm_objective(pipe: Any, config: TrainConfig, title: str) -> Objective:
+    """The DDPM objective of the pipeline's schedule; flow-matching settings are refused, not ignored."""
+    from ..objectives import DDPMObjective
+
+    flow_settings = {"timestep_density": "uniform", "loss_weighting": "none"}
+    changed = [
+        f"{name}={getattr(config, name)!r}"
+        for name, default in flow_settings.items()
+        if getattr(config, name) != default
+    ]
+    if changed:
+        raise InputError(
+            f"{', '.join(changed)} applies to flow-matching models (SD3, Flux); {title} trains the DDPM objective: "
+            "use snr_gamma for timestep weighting."
+        )
+    return DDPMObjective(pipe.scheduler.config, config.snr_gamma)
 
 
 def check_prediction_type(pipe: Any) -> None:

@@ -13,13 +13,14 @@ from typing import TYPE_CHECKING, Any
 
 from . import register_family
 from .base import Conditioning, Family
-from .sd import check_prediction_type
+from .sd import check_prediction_type, ddpm_objective
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
     import torch
 
+    from ..config import TrainConfig
     from ..data import CropGeometry
     from ..objectives import Objective
 
@@ -45,12 +46,14 @@ class StableDiffusionXL(Family):
         check_prediction_type(pipe)
 
     @classmethod
-    def encode_prompt(cls, encoders: Mapping[str, torch.nn.Module], ids: Mapping[str, torch.Tensor]) -> Conditioning:
+    def encode_prompt(
+        cls, pipe: Any, ids: Mapping[str, torch.Tensor], encoders: Mapping[str, torch.nn.Module] | None = None
+    ) -> Conditioning:
         import torch
 
         hidden, pooled = [], None
         for name in cls.text_encoders:
-            encoder = encoders[name]
+            encoder = cls.encoder(pipe, name, encoders)
             output = encoder(ids[name].to(encoder.device), output_hidden_states=True)
             hidden.append(output.hidden_states[-2])  # (1, 77, D_i): SDXL conditions on the penultimate layer
             pooled = output.text_embeds if hasattr(output, "text_embeds") else pooled
@@ -73,10 +76,8 @@ class StableDiffusionXL(Family):
         return denoiser(noisy, timesteps, conditioning["encoder_hidden_states"], added_cond_kwargs=added).sample
 
     @classmethod
-    def objective(cls, pipe: Any, snr_gamma: float | None) -> Objective:
-        from ..objectives import DDPMObjective
-
-        return DDPMObjective(pipe.scheduler.config, snr_gamma)
+    def objective(cls, pipe: Any, config: TrainConfig) -> Objective:
+        return ddpm_objective(pipe, config, cls.title)
 
     @classmethod
     def native_resolution(cls, pipe: Any) -> int:
