@@ -263,3 +263,99 @@ def test_rank4_lora_file_size(family, tmp_path):
         sizes[train_text_encoder] = path.stat().st_size
     print(f"{family}: rank-4 LoRA file {sizes[False]} bytes; with the text encoders {sizes[True]} bytes")
     assert sizes[False] < sizes[True] < 10 * sizes[False]
+
+
+# --- flow-matching families: memory defaults ----------------------------------------------------------
+
+FLOW = [name for name in FAMILIES if name in ("sd3", "flux")]
+
+
+@pytest.mark.parametrize("family", FLOW)
+def test_frozen_parts_leave_the_accelerator_while_training(family, tmp_path, monkeypatch):
+    """offload_frozen: after caching, the VAE and the frozen T5 are moved to the CPU (here the CPU is the
+    training device, so the calls are what can be checked), the trained CLIP encoder is not, and every part
+    is back where it was afterwards."""
+    pipe = tiny_pipeline_of(family)
+    spec = get_family(family)
+    frozen = {"vae", *(name for name in spec.text_encoders if name not in spec.components(True))}
+    moves: list[tuple[str, str]] = []
+    names = {id(getattr(pipe, name)): name for name in ("vae", *spec.text_encoders)}
+    real_to = torch.nn.Module.to
+
+    def spying_to(self, *args, **kwargs):
+        if id(self) in names and args and isinstance(args[0], str | torch.device):
+            moves.append((names[id(self)], str(args[0])))
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to", spying_to)
+    settings = {"steps": 2, "offload_frozen": True, "train_text_encoder": True}
+    personalize(pipe, make_subject_images(), "dog", output_dir=tmp_path, **settings, **QUICK)
+    assert {name for name, device in moves if device == "cpu"} == frozen
+    trained_encoders = set(spec.components(True)[1:])
+    assert not {name for name, _ in moves} & trained_encoders
+    for name in ("vae", *spec.text_encoders):
+        assert {p.device.type for p in getattr(pipe, name).parameters()} == {"cpu"}
+
+
+@pytest.mark.parametrize("family", FLOW)
+def test_checkpointing_and_8bit_adam_on_the_transformer(family, tmp_path, monkeypatch):
+    import torch.utils.checkpoint
+
+    from db_adapters import trainer
+
+    checkpointed, optimizers = [], []
+    real_checkpoint, real_optimizer = torch.utils.checkpoint.checkpoint, trainer.make_optimizer
+    monkeypatch.setattr(
+        torch.utils.checkpoint, "checkpoint", lambda *a, **k: checkpointed.append(1) or real_checkpoint(*a, **k)
+    )
+    monkeypatch.setattr(
+        trainer, "make_optimizer", lambda *a, **k: optimizers.append(real_optimizer(*a, **k)) or optimizers[-1]
+    )
+    pipe = tiny_pipeline_of(family)
+    settings = {"steps": 3, "learning_rate": 1e-2, "gradient_checkpointing": True, "use_8bit_adam": True}
+    adapter = personalize(
+        pipe, make_subject_images(), "dog", adam_min_8bit_size=16, output_dir=tmp_path, **settings, **QUICK
+    )
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in adapter.history)
+    assert checkpointed  # the transformer's blocks ran through torch.utils.checkpoint
+    states = [s for s in optimizers[0].state.values() if "state1" in s]
+    assert states and all(s["state1"].dtype == torch.uint8 for s in states)
+    state = pipe.transformer.state_dict()
+    assert any(".lora_B" in k and state[k].abs().sum() > 0 for k in state)
+
+
+@pytest.mark.parametrize("family", FLOW)
+def test_ddpm_settings_are_refused_on_flow_models_and_the_reverse(family, tmp_path):
+    with pytest.raises(InputError, match="snr_gamma=5.0 applies to DDPM models"):
+        personalize(tiny_pipeline_of(family), make_subject_images(), "dog", snr_gamma=5.0, **QUICK)
+    with pytest.raises(InputError, match="loss_weighting='cosmap' applies to flow-matching models"):
+        personalize(tiny_pipeline_of("sd"), make_subject_images(), "dog", loss_weighting="cosmap", **QUICK)
+    with pytest.raises(InputError, match="class_sampler='ddpm' does not suit"):
+        personalize(tiny_pipeline_of(family), make_subject_images(), "dog", class_sampler="ddpm", **QUICK)
+
+
+def test_flux_dev_is_given_the_guidance_value_and_schnell_none(tmp_path, monkeypatch):
+    from db_adapters.testing import tiny_flux_pipeline
+
+    seen = []
+    flux = get_family("flux")
+    real_predict = flux.predict.__func__
+    monkeypatch.setattr(
+        flux,
+        "predict",
+        classmethod(lambda cls, d, n, t, c: seen.append(c.get("guidance")) or real_predict(cls, d, n, t, c)),
+    )
+    personalize(
+        tiny_flux_pipeline(),
+        make_subject_images(),
+        "dog",
+        steps=1,
+        guidance_scale=3.5,
+        output_dir=tmp_path / "a",
+        **QUICK,
+    )
+    assert seen[-1] is not None and seen[-1].tolist() == [3.5, 3.5]  # instance and class sample
+    personalize(
+        tiny_flux_pipeline(guidance=False), make_subject_images(), "dog", steps=1, output_dir=tmp_path / "b", **QUICK
+    )
+    assert seen[-1] is None

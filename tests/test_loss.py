@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
@@ -331,3 +333,100 @@ def test_out_of_range_timesteps():
         loss.half_loss(half_with_errors([1.0], [3]))
     with pytest.raises(ValueError, match=r"timesteps must lie in \[0, 2\]"):
         loss.snr(torch.tensor([-1]))
+
+
+# --- flow matching (SD3, Flux): hand-worked numbers ----------------------------------------------------
+
+
+def test_flow_matching_noising_and_target_by_hand():
+    from db_adapters.objectives import FlowMatchingObjective
+
+    objective = FlowMatchingObjective(FlowMatchEulerDiscreteScheduler().config)
+    latents, noise = constant(2.0, batch=2), constant(1.0, batch=2)
+    sigmas = torch.tensor([0.25, 0.5])
+    # x_s = (1 - s) x_0 + s eps: 0.75 * 2 + 0.25 * 1 = 1.75; 0.5 * 2 + 0.5 * 1 = 1.5
+    noisy = objective.add_noise(latents, noise, sigmas)
+    assert torch.allclose(noisy[0], torch.full((4, 2, 2), 1.75)) and torch.allclose(
+        noisy[1], torch.full((4, 2, 2), 1.5)
+    )
+    # target eps - x_0 = 1 - 2 = -1, whatever the sigma
+    assert torch.equal(objective.target(latents, noise, sigmas), torch.full((2, 4, 2, 2), -1.0))
+
+
+@pytest.mark.parametrize(
+    ("weighting", "expected"),
+    [
+        ("none", [1.0, 1.0]),
+        ("sigma_sqrt", [1 / 0.5**2, 1 / 0.25**2]),  # 4, 16
+        # 2 / (pi (1 - 2 s + 2 s^2)): s = 0.5 -> 2 / (0.5 pi) = 1.2732; s = 0.25 -> 2 / (0.625 pi) = 1.0186
+        ("cosmap", [2 / (math.pi * 0.5), 2 / (math.pi * 0.625)]),
+    ],
+)
+def test_flow_matching_weightings_at_two_sigmas(weighting, expected):
+    from db_adapters.loss import FlowMatchingLoss
+
+    weights = FlowMatchingLoss(weighting).timestep_weights(torch.tensor([0.5, 0.25]))
+    assert weights.tolist() == pytest.approx(expected, rel=1e-6)
+
+
+def test_flow_matching_halves_are_weighted_by_their_own_sigmas():
+    """The instance half at sigma 0.5 and the prior half at 0.25, unit errors: sigma_sqrt gives 4 and 16, so
+    total = 4 + 0.5 * 16 = 12. Weights over both halves' sigmas applied to each half (the #5791 pattern of
+    the SD3/Flux scripts) would give another number."""
+    from db_adapters.loss import FlowMatchingLoss
+
+    loss = FlowMatchingLoss("sigma_sqrt", prior_loss_weight=0.5)
+    instance = LossHalf(constant(1.0, batch=1), constant(0.0, batch=1), torch.tensor([0.5]))
+    prior = LossHalf(constant(1.0, batch=1), constant(0.0, batch=1), torch.tensor([0.25]))
+    terms = loss(instance, prior)
+    assert terms.instance.item() == pytest.approx(4.0) and terms.prior.item() == pytest.approx(16.0)
+    assert terms.total.item() == pytest.approx(12.0)
+
+
+def test_flow_sigmas_come_from_the_schedulers_config_shift_included():
+    from db_adapters.objectives import FlowMatchingObjective
+
+    shifted = FlowMatchingObjective(FlowMatchEulerDiscreteScheduler(shift=3.0).config)
+    # index i holds t = 1000 - i, s = t / 1000, shifted 3 s / (1 + 2 s): i = 500 -> s 0.5 -> 0.75
+    assert shifted.sigmas[500].item() == pytest.approx(0.75)
+    assert shifted.sigmas[999].item() == pytest.approx(3 * 0.001 / (1 + 2 * 0.001))
+    # Flux shifts at inference only (dynamic shifting): its training table is unshifted
+    dynamic = FlowMatchingObjective(FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True).config)
+    assert dynamic.sigmas[500].item() == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    ("density", "expected_scheme"), [("uniform", "none"), ("logit_normal", "logit_normal"), ("mode", "mode")]
+)
+def test_flow_densities_and_weightings_are_diffusers_own(density, expected_scheme, monkeypatch):
+    import diffusers.training_utils as utils
+
+    from db_adapters.loss import FlowMatchingLoss
+    from db_adapters.objectives import FlowMatchingObjective
+
+    calls = []
+    real_density, real_weighting = utils.compute_density_for_timestep_sampling, utils.compute_loss_weighting_for_sd3
+    monkeypatch.setattr(
+        utils, "compute_density_for_timestep_sampling", lambda **kw: calls.append(kw) or real_density(**kw)
+    )
+    monkeypatch.setattr(
+        utils, "compute_loss_weighting_for_sd3", lambda *a, **kw: calls.append(a) or real_weighting(*a, **kw)
+    )
+    objective = FlowMatchingObjective(
+        FlowMatchEulerDiscreteScheduler().config, density=density, logit_mean=0.3, logit_std=0.7, mode_scale=1.1
+    )
+    sigmas = objective.sample_timesteps(64, torch.Generator().manual_seed(0))
+    assert calls[0]["weighting_scheme"] == expected_scheme and calls[0]["batch_size"] == 64
+    assert (calls[0]["logit_mean"], calls[0]["logit_std"], calls[0]["mode_scale"]) == (0.3, 0.7, 1.1)
+    assert bool(((sigmas > 0) & (sigmas <= 1)).all())
+    FlowMatchingLoss("cosmap").timestep_weights(sigmas)
+    assert calls[1][0] == "cosmap"
+
+
+def test_flow_loss_refuses_what_is_not_a_sigma():
+    from db_adapters.loss import FlowMatchingLoss
+
+    with pytest.raises(InputError, match="loss weighting 'snr' is not one of none, sigma_sqrt, cosmap"):
+        FlowMatchingLoss("snr")
+    with pytest.raises(ValueError, match="sigmas in"):
+        FlowMatchingLoss().timestep_weights(torch.tensor([3.0]))

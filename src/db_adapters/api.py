@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from .adapter import Adapter, attach, refuse_if_adapted
 from .config import TrainConfig, help_text
 from .latents import training_set
+from .memory import FrozenParts
 from .plan import RunPlan, make_plan
 from .prior import class_images as make_class_images
 from .trainer import StepCallback, Trainer, seeded_global_rng
@@ -89,9 +90,26 @@ def personalize(
         steps=plan.config.steps,
         extra={"class_prompt": plan.class_prompt, "prior_preservation": plan.config.prior_preservation},
     )
-    adapter.history = _train(pipe, plan, data, callback, checkpoints, resume_from)
+    unquantized = _quantize_base(pipe, plan)
+    try:
+        adapter.history = _train(pipe, plan, data, callback, checkpoints, resume_from)
+    except BaseException:
+        if unquantized is not None:  # the pipeline as it came, with its full-precision denoiser
+            setattr(pipe, plan.family.denoiser, unquantized.to(plan.device))
+        raise
     attach(pipe, adapter)
     return adapter
+
+
+def _quantize_base(pipe: DiffusionPipeline, plan: RunPlan) -> Any:
+    """With `quantize_base`, swap in the quantized denoiser (after the class images and latents were made
+    with the full-precision one); returns the original, or None."""
+    if plan.config.quantize_base is None:
+        return None
+    from .quantize import quantize_denoiser
+
+    dtype = getattr(pipe, plan.family.denoiser).dtype
+    return quantize_denoiser(pipe, plan.family, plan.config.quantize_base, dtype)
 
 
 def _run_checkpoints(plan: RunPlan) -> tuple[RunCheckpoints | None, tuple | None]:
@@ -168,22 +186,27 @@ def _train(
     # peft draws LoRA's initial weights from the global RNG: seed it, so a run depends on `seed` alone.
     with seeded_global_rng(plan.config.seed, plan.device):
         strategy.apply(pipe, plan.family, train_text_encoder=plan.config.train_text_encoder)
+    frozen = FrozenParts.of(pipe, plan)
     try:
         trainer = Trainer(
             pipe,
             plan,
             data,
             callback=callback,
-            validation=_previewer(pipe, plan),
+            validation=_previewer(pipe, plan, frozen),
             checkpoints=checkpoints,
             resume_from=resume_from,
         )
+        if plan.config.offload_frozen:  # everything they had to compute is cached in `data`
+            frozen.offload()
         history = trainer.run()
     except BaseException:
         # Failed or interrupted (Ctrl-C too): the caller gets back the pipeline it passed in.
+        frozen.restore()
         strategy.remove(pipe)
         _restore_requires_grad(flags)
         raise
+    frozen.restore()
     strategy.finish(pipe)
     _restore_requires_grad(flags)
     return history
@@ -199,7 +222,7 @@ def _restore_requires_grad(flags: dict[torch.nn.Parameter, bool]) -> None:
         param.requires_grad_(flag)
 
 
-def _previewer(pipe: DiffusionPipeline, plan: RunPlan):
+def _previewer(pipe: DiffusionPipeline, plan: RunPlan, frozen: FrozenParts):
     config = plan.config
     if not (config.validation_prompts and config.validation_every and config.output_dir):
         return None
@@ -220,7 +243,7 @@ def _previewer(pipe: DiffusionPipeline, plan: RunPlan):
         for module in was:
             module.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), frozen.restored():
                 for i, prompt in enumerate(prompts):
                     (image,) = generate_images(
                         pipe,

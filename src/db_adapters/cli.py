@@ -182,7 +182,7 @@ def _settings_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 def _option_declaration(spec: Any) -> list[str]:
     flag = spec.metadata.get("flag") or "--" + spec.name.replace("_", "-")
-    if _base_type(spec) == "bool" and spec.default is True:
+    if _base_type(spec) == "bool" and spec.default is not False:  # on/off, and None (unset) when neither
         return [f"{flag}/--no-{flag.removeprefix('--')}", spec.name]
     return [flag, spec.name]
 

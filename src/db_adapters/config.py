@@ -27,6 +27,7 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 CLASS_SAMPLERS = ("dpmsolver++", "ddim", "euler", "ddpm", "pipeline")
 TIMESTEP_DENSITIES = ("uniform", "logit_normal", "mode")
 FLOW_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
+QUANTIZATIONS = ("nf4", "int8")
 
 
 def setting(
@@ -110,6 +111,17 @@ class TrainConfig:
         choices=MIXED_PRECISION,
     )
     use_8bit_adam: bool = setting(False, "bitsandbytes' 8-bit AdamW (optimizer state in uint8).")
+    quantize_base: str | None = setting(
+        None,
+        "Train LoRA on the frozen denoiser quantized by bitsandbytes (QLoRA): 'nf4' or 'int8'; needs CUDA. The "
+        "file still loads onto the unquantized base.",
+        choices=QUANTIZATIONS,
+    )
+    offload_frozen: bool | None = setting(
+        None,
+        "Move the frozen VAE and text encoders off the GPU once latents and prompt embeddings are cached; "
+        "None: on when training on CUDA.",
+    )
     adam_min_8bit_size: int = setting(4096, "8-bit Adam: tensors smaller than this keep 32-bit state.", cli=False)
     adam_betas: tuple[float, float] = setting((0.9, 0.999), "AdamW betas.", cli=False)
     adam_weight_decay: float = setting(1e-2, "AdamW weight decay.")
@@ -181,6 +193,8 @@ class TrainConfig:
             self._check_choice("class_sampler", self.class_sampler, CLASS_SAMPLERS)
         self._check_choice("timestep_density", self.timestep_density, TIMESTEP_DENSITIES)
         self._check_choice("loss_weighting", self.loss_weighting, FLOW_WEIGHTINGS)
+        if self.quantize_base is not None:
+            self._check_choice("quantize_base", self.quantize_base, QUANTIZATIONS)
         for name in ("logit_mean", "logit_std", "mode_scale", "guidance_scale"):
             if not (_is_number(getattr(self, name)) and math.isfinite(getattr(self, name))):
                 raise InputError(f"{name}={getattr(self, name)!r} must be a finite number.")

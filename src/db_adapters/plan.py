@@ -18,7 +18,9 @@ from .config import DEFAULT_CLASS_INFERENCE_STEPS, DEFAULT_NUM_CLASS_IMAGES, DEF
 from .data import check_image_sizes, load_images
 from .errors import InputError
 from .families import Family, family_of
+from .memory import offload_wanted
 from .pipelines import architecture_fingerprint, model_id, recommended_settings, weights_fingerprint
+from .quantize import check_quantization
 from .strategies import Strategy, get_strategy
 
 if TYPE_CHECKING:
@@ -88,6 +90,7 @@ def make_plan(
     if identifier not in instance_prompt.split():
         logger.warning("instance_prompt %r does not contain the identifier %r.", instance_prompt, identifier)
     denoiser = getattr(pipe, family.denoiser)
+    check_quantization(config.quantize_base, denoiser, chosen.name, denoiser.device)
     return RunPlan(
         family=family,
         strategy=chosen,
@@ -128,6 +131,7 @@ def _resolve_defaults(pipe: Any, family: type[Family], strategy: Strategy, confi
         class_sampler=config.class_sampler or family.class_samplers[0],
         resolution=config.resolution or family.native_resolution(pipe),
         mixed_precision=resolve_mixed_precision(config.mixed_precision, getattr(pipe, family.denoiser).dtype),
+        offload_frozen=offload_wanted(config.offload_frozen, getattr(pipe, family.denoiser).device),
     )
 
 

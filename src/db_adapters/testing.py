@@ -742,3 +742,41 @@ def tiny_pipeline_of(family: str, seed: int = 0) -> Any:
         'StableDiffusionXLPipeline'
     """
     return TINY_PIPELINES[family](seed)
+
+
+def quantize_linear_layers(module: Any, quant_type: str = "nf4") -> Any:
+    """Replace every `nn.Linear` of `module` by a bitsandbytes 4-bit layer holding its weights, in place.
+
+    Stands in, on a CPU, for a denoiser loaded with diffusers' `BitsAndBytesConfig(load_in_4bit=True)`
+    (which refuses to run without a GPU): the same bitsandbytes layers and packed weights, so a test can
+    train LoRA on a quantized base. Real users load their model quantized, or pass `quantize_base`.
+
+    Args:
+        module (`torch.nn.Module`): e.g. a tiny pipeline's denoiser.
+        quant_type (`str`): "nf4" or "fp4".
+
+    Example:
+        >>> from db_adapters.testing import quantize_linear_layers, tiny_pipeline
+        >>> unet = quantize_linear_layers(tiny_pipeline().unet)
+        >>> type(unet.time_embedding.linear_1).__name__
+        'Linear4bit'
+    """
+    import bitsandbytes as bnb
+    import torch
+
+    for name, child in list(module.named_children()):
+        if isinstance(child, torch.nn.Linear):
+            layer = bnb.nn.Linear4bit(
+                child.in_features,
+                child.out_features,
+                bias=child.bias is not None,
+                quant_type=quant_type,
+                compute_dtype=child.weight.dtype,
+            )
+            layer.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type=quant_type)
+            if child.bias is not None:
+                layer.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+            setattr(module, name, layer.to(child.weight.device))  # moving a Params4bit quantizes it
+        else:
+            quantize_linear_layers(child, quant_type)
+    return module
