@@ -18,6 +18,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 HUB_IDS = {
     "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd",
     "stabilityai/stable-diffusion-xl-base-1.0": "sdxl",
+    "black-forest-labs/FLUX.1-dev": "flux",
 }
 SNIPPETS = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.DOTALL)
 
@@ -30,9 +31,10 @@ def model_folders(tmp_path_factory) -> dict[str, Path]:
     for family in sorted(set(HUB_IDS.values())):
         folder = tmp_path_factory.mktemp("models") / family
         tiny_pipeline_of(family).save_pretrained(folder)
-        (folder / "db_adapters.json").write_text(
-            json.dumps({"steps": 3, "num_class_images": 2, "class_inference_steps": 2})
-        )
+        # A saved Flux folder forgets the tiny default size (FluxPipeline fixes 128 latents): the folder
+        # recommends the size it was made at, as a model folder may.
+        recommended = {"steps": 3, "num_class_images": 2, "class_inference_steps": 2, "resolution": 32}
+        (folder / "db_adapters.json").write_text(json.dumps(recommended))
         folders[family] = folder
     return folders
 

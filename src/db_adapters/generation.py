@@ -64,8 +64,19 @@ def render(
             num_inference_steps=steps,
             guidance_scale=guidance_scale,
             generator=generators,
-            cross_attention_kwargs={"scale": lora_scale},
+            **_lora_scale_argument(pipe, lora_scale),
         ).images
+
+
+def _lora_scale_argument(pipe: DiffusionPipeline, scale: float) -> dict:
+    # UNet pipelines take the LoRA scale in cross_attention_kwargs, MMDiT ones (SD3, Flux) in joint_attention_kwargs.
+    import inspect
+
+    accepted = inspect.signature(pipe.__call__).parameters
+    for name in ("cross_attention_kwargs", "joint_attention_kwargs"):
+        if name in accepted:
+            return {name: {"scale": scale}}
+    return {}
 
 
 def grid(images: list[Image.Image], rows: int | None = None) -> Image.Image:

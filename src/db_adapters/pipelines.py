@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 # A model folder may carry its own recommended personalization settings (a small model needs other
 # steps and learning rates than SD 1.5); `personalize` uses them for the settings left out.
 RECOMMENDATIONS_FILE = "db_adapters.json"
-RECOMMENDABLE = ("steps", "learning_rate", "num_class_images", "class_inference_steps")
+RECOMMENDABLE = ("steps", "learning_rate", "num_class_images", "class_inference_steps", "resolution")
 
 
 def check_supported(pipe: Any) -> None:

@@ -129,7 +129,7 @@ def _resolve_defaults(pipe: Any, family: type[Family], strategy: Strategy, confi
         class_inference_steps=pick("class_inference_steps", DEFAULT_CLASS_INFERENCE_STEPS),
         class_guidance_scale=_class_guidance(pipe, config.class_guidance_scale),
         class_sampler=config.class_sampler or family.class_samplers[0],
-        resolution=config.resolution or family.native_resolution(pipe),
+        resolution=pick("resolution", None) or family.native_resolution(pipe),
         mixed_precision=resolve_mixed_precision(config.mixed_precision, getattr(pipe, family.denoiser).dtype),
         offload_frozen=offload_wanted(config.offload_frozen, getattr(pipe, family.denoiser).device),
     )
