@@ -35,7 +35,7 @@ from safetensors import SafetensorError
 from db_adapters import AdapterError, InputError, load_adapter, personalize, unload_adapter
 from db_adapters.adapter import attached_adapter
 from db_adapters.cli import main
-from db_adapters.testing import tiny_pipeline, tiny_sdxl_pipeline
+from db_adapters.testing import tiny_pipeline, tiny_pipeline_of, tiny_sdxl_pipeline
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "bad_inputs.md"
 # A run that starts by mistake (a row that is not rejected) takes a second, not an hour.
@@ -401,6 +401,12 @@ ROWS = [
         sdxl_refiner),
     Row("pipeline: half precision, other mixed_precision", "personalize", InputError,
         "mixed_precision='no' cannot train a pipeline loaded in bfloat16", half_pipeline_without_autocast),
+    Row("settings: quantize_base without a GPU", "personalize", InputError, "quantize_base='nf4' needs a CUDA GPU",
+        lambda e: train(e, quantize_base="nf4")),
+    Row("settings: full fine-tune of a quantized base", "personalize", InputError,
+        "strategy='full' cannot train a quantized base", lambda e: train(e, strategy="full", quantize_base="nf4")),
+    Row("settings: snr_gamma on a flow-matching model", "personalize", InputError, "snr_gamma=5.0 applies to DDPM",
+        lambda e: train(e, pipeline=tiny_pipeline_of("flux"), snr_gamma=5.0)),
     Row("pipeline: already carries an adapter", "personalize", AdapterError, "already carries the adapter",
         lambda e: train(e, pipeline=e.trained["pipe"])),
     Row("pipeline: carries the user's own LoRA", "personalize", AdapterError, "already carries LoRA layers (style)",

@@ -61,10 +61,6 @@ class RunPlan:
     base_model: dict[str, str]
     device: torch.device
 
-    @property
-    def text_encoder_learning_rate(self) -> float:
-        return self.config.text_encoder_learning_rate or self.config.learning_rate
-
 
 def make_plan(
     pipe: Any,

@@ -222,7 +222,7 @@ class Trainer:
         # Training runs where the pipeline is (a pipeline on cuda:1 trains on cuda:1), not on
         # accelerate's current device.
         self.device = plan.device
-        self.lrs = {name: plan.text_encoder_learning_rate for name in self.family.text_encoders}
+        self.lrs = {name: self.config.text_encoder_learning_rate for name in self.family.text_encoders}
         self.lrs[self.family.denoiser] = self.config.learning_rate
         self.callback, self.validation = callback, validation
         self.checkpoints, self.resume_from = checkpoints, resume_from
