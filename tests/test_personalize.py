@@ -250,7 +250,7 @@ def test_options_callback_previews_and_schedule(subject_images, tmp_path, fast, 
 
 
 def test_bf16_mixed_precision_keeps_trainable_weights_fp32(subject_images, tmp_path, fast):
-    # A pipeline loaded in bf16 (torch_dtype=torch.bfloat16), mixed_precision left unset: bf16 autocast.
+    # A pipeline loaded in bf16 (dtype=torch.bfloat16), mixed_precision left unset: bf16 autocast.
     pipe = tiny_pipeline().to(dtype=torch.bfloat16)
     dtypes = []
 

@@ -91,7 +91,7 @@ def load_pipeline(model: str, device: str | None, dtype: str = "fp32") -> Any:
     try:
         # use_safetensors=True: never unpickle weights; a .bin-only model is refused.
         pipe = DiffusionPipeline.from_pretrained(
-            model, use_safetensors=True, safety_checker=None, torch_dtype=getattr(torch, DTYPES[dtype])
+            model, use_safetensors=True, safety_checker=None, dtype=getattr(torch, DTYPES[dtype])
         )
     except (OSError, ValueError) as error:
         raise InputError(

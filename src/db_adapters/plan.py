@@ -169,7 +169,7 @@ def resolve_mixed_precision(requested: str | None, dtype: torch.dtype) -> str:
         return matching
     if name != "float32" and requested != matching:
         raise InputError(
-            f"mixed_precision={requested!r} cannot train a pipeline loaded in {name} (torch_dtype / --dtype); "
+            f"mixed_precision={requested!r} cannot train a pipeline loaded in {name} (dtype= / --dtype); "
             f"use mixed_precision={matching!r} (or leave it unset to match), or load the pipeline in float32."
         )
     return requested

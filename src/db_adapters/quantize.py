@@ -88,7 +88,7 @@ def quantize_denoiser(pipe: Any, family: type[Family], kind: str, compute_dtype:
         else:
             original.save_pretrained(scratch)
             folder = Path(scratch)
-        quantized = type(original).from_pretrained(str(folder), quantization_config=config, torch_dtype=compute_dtype)
+        quantized = type(original).from_pretrained(str(folder), quantization_config=config, dtype=compute_dtype)
     original.to("cpu")  # kept to put back if training fails; host memory, not the GPU's
     setattr(pipe, family.denoiser, quantized)
     return original
