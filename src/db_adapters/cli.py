@@ -362,6 +362,27 @@ def inspect(adapter_path: str) -> None:
     click.echo(json.dumps(info, indent=2, sort_keys=True))
 
 
+@main.command()
+@click.argument("adapter_path", metavar="ADAPTER")
+@click.option(
+    "--format",
+    "file_format",
+    type=click.Choice(["kohya", "peft", "diffusers"]),
+    default="kohya",
+    show_default=True,
+    help="kohya: the LoRA keys A1111 and ComfyUI read (SD, SDXL, Flux); peft: peft's keys and LoraConfig; "
+    "diffusers: db-adapters' own file.",
+)
+@click.option("--output", required=True, type=click.Path(dir_okay=False), help="The converted file (.safetensors).")
+@friendly_errors
+def export(adapter_path: str, file_format: str, output: str) -> None:
+    """Convert a LoRA adapter file to the format another tool loads."""
+    from .formats import export_adapter
+
+    path = export_adapter(adapter_path, output, file_format)
+    click.echo(f"wrote {path} ({file_format} format, {path.stat().st_size / 1e6:.2f} MB)")
+
+
 @main.command(name="eval")
 @click.option("--model", required=True, help="Local diffusers folder or hub id (the adapter's base model).")
 @click.option("--adapter", "adapter_path", default=None, help="Adapter file; without one, the base model.")
