@@ -89,6 +89,7 @@ def test_kohya_file_renders_the_same_through_diffusers_kohya_reader(family, tmp_
                 assert handle.get_tensor(key).item() / rank == pytest.approx(8 / 4), key  # trained alpha / rank
     assert header["ss_network_module"] == "networks.lora" and header["ss_network_dim"] == "4"
     assert header["ss_network_alpha"] == "8.0" and adapter.identifier in header["ss_training_comment"]
+    assert header["ss_learning_rate"] == "0.05" and header["ss_max_train_steps"] == "2"
     assert header["ss_base_model_version"] == {"sd": "sd_v1", "sdxl": "sdxl_base_v1-0", "flux": "flux1"}[family]
     assert "lora_adapter_metadata" not in header  # diffusers would apply alpha twice from it
     assert json.loads(header["db_adapters"])["file_format"] == "kohya"
