@@ -155,7 +155,11 @@ def write_converted(
     tensors = read_weights(source)
     family = _family(info)
     if family is not None:
-        tensors_by_component(tensors, source, get_family(family))  # every key belongs to one of its components
+        try:
+            spec = get_family(family)
+        except InputError:
+            raise AdapterError(f"{str(name)!r}: metadata names an unknown model family {family!r}.") from None
+        tensors_by_component(tensors, source, spec)  # every key belongs to one of the family's components
     try:
         converted, metadata = convert(
             tensors,
@@ -175,9 +179,8 @@ def clip_has_text_model_level() -> bool:
     """Whether the installed transformers' `CLIPTextModel` nests its layers under `text_model.` (4.x; 5.x does not)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    config = CLIPTextConfig(
-        vocab_size=8, hidden_size=4, intermediate_size=4, num_hidden_layers=1, num_attention_heads=1
-    )
+    sizes = {"hidden_size": 4, "intermediate_size": 4, "num_hidden_layers": 1, "num_attention_heads": 1}
+    config = CLIPTextConfig(vocab_size=8, bos_token_id=0, eos_token_id=1, pad_token_id=1, **sizes)
     return any(name.startswith("text_model.") for name, _ in CLIPTextModel(config).named_modules())
 
 

@@ -32,9 +32,11 @@ def check_family(family: str) -> None:
     if family == "sd3":
         raise AdapterError(
             "kohya format is not offered for SD3: diffusers has no reader for kohya SD3 LoRA keys, so such a file "
-            "could not be checked to render what was trained. Save format='diffusers' (pipe.load_lora_weights "
-            "reads it) or format='peft'."
+            "could not be checked to render what was trained. Use the diffusers format (pipe.load_lora_weights "
+            "reads it) or the peft format."
         )
+    if not family:
+        raise AdapterError("kohya names depend on the model family, and the adapter's metadata names none.")
     if family not in FAMILIES:
         raise AdapterError(f"kohya format is written for {', '.join(FAMILIES)} LoRAs, not for family {family!r}.")
 
@@ -169,7 +171,7 @@ def _sgm_name(name: str, layers_per_block: int) -> str:
     if match is None:
         raise AdapterError(
             f"kohya's SDXL names are written for the UNet's attention layers (LoRA's targets); {name!r} is not "
-            "in one. Save format='diffusers' for this adapter."
+            "in one. Use the diffusers format for this adapter."
         )
     block, down, up, layer, rest = match.groups()
     step = layers_per_block + 1
@@ -321,7 +323,7 @@ def _lora(key: str, down: torch.Tensor, up: torch.Tensor, alpha: float) -> dict[
 
 def _unmapped(name: str) -> AdapterError:
     return AdapterError(
-        f"kohya's Flux names have no place for {name!r}; save format='diffusers' for this adapter "
+        f"kohya's Flux names have no place for {name!r}; use the diffusers format for this adapter "
         "(or train it with the default target modules)."
     )
 
