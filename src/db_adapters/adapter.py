@@ -71,7 +71,7 @@ class Adapter:
             **self.extra,
         }
 
-    def save(self, path: str | os.PathLike, dtype: torch.dtype | str | None = None) -> Path:
+    def save(self, path: str | os.PathLike, dtype: torch.dtype | str | None = None, format: str = "diffusers") -> Path:
         """Write the adapter to one safetensors file, atomically.
 
         Launched as several processes (torchrun, accelerate launch), call it on every process: the
@@ -81,13 +81,21 @@ class Adapter:
             path (`str | PathLike`): a `.safetensors` file name; its folder is created if needed.
             dtype (`torch.dtype | str | None`): store weights as float16/bfloat16 to halve the file;
                 None keeps them as trained (fp32).
+            format (`str`): "diffusers" (default: `load_adapter` and `pipe.load_lora_weights` read it),
+                "kohya" (the LoRA keys A1111 and ComfyUI read; SD, SDXL, Flux) or "peft" (peft's keys and
+                `LoraConfig`). kohya and peft hold LoRA adapters only; `load_adapter` reads the diffusers file.
 
         Example:
             >>> adapter.save("my_dog.safetensors")  # doctest: +SKIP
+            >>> adapter.save("my_dog_comfyui.safetensors", format="kohya")  # doctest: +SKIP
         """
+        from .formats import check_convertible
+
         path = check_output_path(path)
         if self.pipe is None or attached_adapter(self.pipe) is not self:
             raise AdapterError("this adapter is no longer attached to its pipeline (it was unloaded); cannot save.")
+        check_convertible(self.strategy.name, self.base_model.get("family"), format)
+        dtype = _as_dtype(dtype)
         from .distributed import processes
 
         if not processes(self.pipe.device).is_main:
@@ -96,8 +104,25 @@ class Adapter:
         # A strategy may write scratch files with other writers (diffusers' for LoRA): a full disk there
         # is reported as an OSError naming `path` too.
         with named_write_errors(path):
-            self.strategy.save(self.pipe, path, pack_metadata(self.metadata()), _as_dtype(dtype))
+            if format == "diffusers":
+                self.strategy.save(self.pipe, path, pack_metadata(self.metadata()), dtype)
+            else:
+                self._save_converted(path, dtype, format)
         return path
+
+    def _save_converted(self, path: Path, dtype: torch.dtype | None, format: str) -> None:
+        # Our own file first, in a scratch folder beside `path`, then converted from it: the same code path
+        # as `db-adapt export`, so a saved file and an exported one are alike.
+        import tempfile
+
+        from .formats import write_converted
+
+        unet_config = getattr(getattr(self.pipe, "unet", None), "config", None)
+        layers_per_block = getattr(unet_config, "layers_per_block", None)
+        with tempfile.TemporaryDirectory(prefix=".db-adapters-", dir=path.parent) as scratch:
+            staged = Path(scratch) / "adapter.safetensors"
+            self.strategy.save(self.pipe, staged, pack_metadata(self.metadata()), dtype)
+            write_converted(staged, path, format, layers_per_block=layers_per_block, name=path)
 
 
 def attached_adapter(pipe: Any) -> Adapter | None:
@@ -154,6 +179,13 @@ def load_adapter(pipe: DiffusionPipeline, path: str | os.PathLike) -> Adapter:
     # Everything that can be checked from the header is, before the pipeline is touched: a pickle is
     # refused by name, a damaged file or metadata of the wrong types is an AdapterError naming the file.
     info = unpack_metadata(read_header(path).metadata, path)
+    held = info.get("file_format") or "diffusers"
+    if held != "diffusers":
+        loader = "pipe.load_lora_weights(path), A1111 or ComfyUI" if held == "kohya" else "peft"
+        raise AdapterError(
+            f"{str(path)!r} is a {held}-format export; load_adapter reads db-adapters' own (diffusers-format) "
+            f"file. Load this one with {loader}, or load the file it was exported from."
+        )
     refuse_if_adapted(pipe)
     _check_base_model(pipe, family, info, path)
     strategy = _strategy_of(info, path)

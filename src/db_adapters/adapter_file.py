@@ -96,6 +96,7 @@ _OPTIONAL_FIELDS = {
     "resolution": int,
     "steps": int,
     "library_version": str,
+    "file_format": str,  # the tensors' layout: "diffusers" (absent), "kohya" or "peft" (db_adapters.formats)
 }
 
 

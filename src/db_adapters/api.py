@@ -88,7 +88,11 @@ def personalize(
         base_model=plan.base_model,
         resolution=plan.config.resolution,
         steps=plan.config.steps,
-        extra={"class_prompt": plan.class_prompt, "prior_preservation": plan.config.prior_preservation},
+        extra={
+            "class_prompt": plan.class_prompt,
+            "prior_preservation": plan.config.prior_preservation,
+            "learning_rate": plan.config.learning_rate,  # kohya files show it (ss_learning_rate)
+        },
     )
     unquantized = _quantize_base(pipe, plan)
     try:

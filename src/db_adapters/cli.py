@@ -362,6 +362,53 @@ def inspect(adapter_path: str) -> None:
     click.echo(json.dumps(info, indent=2, sort_keys=True))
 
 
+@main.command()
+@click.argument("adapter_path", metavar="ADAPTER")
+@click.option(
+    "--format",
+    "file_format",
+    type=click.Choice(["kohya", "peft", "diffusers"]),
+    default="kohya",
+    show_default=True,
+    help="kohya: the LoRA keys A1111 and ComfyUI read (SD, SDXL, Flux); peft: peft's keys and LoraConfig; "
+    "diffusers: db-adapters' own file.",
+)
+@click.option("--output", required=True, type=click.Path(dir_okay=False), help="The converted file (.safetensors).")
+@friendly_errors
+def export(adapter_path: str, file_format: str, output: str) -> None:
+    """Convert a LoRA adapter file to the format another tool loads."""
+    from .formats import export_adapter
+
+    path = export_adapter(adapter_path, output, file_format)
+    click.echo(f"wrote {path} ({file_format} format, {path.stat().st_size / 1e6:.2f} MB)")
+
+
+@main.command()
+@click.option("--model", required=True, help="Local diffusers folder or hub id the adapter was trained on.")
+@click.option("--adapter", "adapter_path", required=True, help="Adapter file (LoRA or full fine-tune).")
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="New folder for the fused pipeline.")
+@click.option(
+    "--dtype", type=click.Choice(list(DTYPES)), default="fp32", show_default=True, help="Load, fuse and save in it."
+)
+@click.option("--device", default=None, help="cpu, cuda, ... (default: cuda when available).")
+@friendly_errors
+def fuse(model: str, adapter_path: str, output: str, dtype: str, device: str | None) -> None:
+    """Bake an adapter into its model: a full diffusers pipeline folder that needs no adapter to load."""
+    from .adapter import load_adapter
+    from .fuse import check_output_folder, fuse_adapter, save_pipeline
+    from .safe_reading import check_adapter_file
+
+    # Cheap checks first: a used --output or a missing adapter should not wait for the model to load.
+    folder = check_output_folder(output)
+    check_adapter_file(adapter_path)
+    pipe = load_pipeline(model, device, dtype)
+    adapter = load_adapter(pipe, adapter_path)
+    fuse_adapter(pipe)
+    save_pipeline(pipe, folder)
+    click.echo(f"wrote {folder} (the {adapter.strategy.name} adapter for {adapter.instance_prompt!r}, fused)")
+    click.echo(f"identifier: {adapter.identifier}   load it with DiffusionPipeline.from_pretrained({str(folder)!r})")
+
+
 @main.command(name="eval")
 @click.option("--model", required=True, help="Local diffusers folder or hub id (the adapter's base model).")
 @click.option("--adapter", "adapter_path", default=None, help="Adapter file; without one, the base model.")

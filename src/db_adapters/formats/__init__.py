@@ -1,0 +1,199 @@
+"""Adapter file formats people load: "diffusers" (db-adapters' own file, `pipe.load_lora_weights` reads it),
+"kohya" (A1111, ComfyUI; `kohya.py`) and "peft" (`peft.py`).
+
+The format modules are pure state-dict conversions; `convert` picks one, and `export_adapter` converts a
+saved db-adapters file into another, read safely and written atomically. Only LoRA adapters convert: a
+full fine-tune holds whole weights, not low-rank layers.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import AdapterError, InputError
+
+if TYPE_CHECKING:
+    import torch
+
+FORMATS = ("diffusers", "kohya", "peft")
+# Our metadata's field naming the layout of a file's tensors; absent means "diffusers".
+FILE_FORMAT_FIELD = "file_format"
+
+
+def check_format(format: str) -> str:
+    """`InputError` unless `format` is one of `FORMATS`.
+
+    Example:
+        >>> check_format("kohya")
+        'kohya'
+    """
+    if format not in FORMATS:
+        raise InputError(f"format={format!r} is not a known adapter file format; use one of {', '.join(FORMATS)}.")
+    return format
+
+
+def check_convertible(strategy: str, family: str | None, format: str) -> None:
+    """`AdapterError` if an adapter of `strategy` on a `family` model cannot be written in `format`.
+
+    Example:
+        >>> check_convertible("full", "sd", "kohya")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        db_adapters.errors.AdapterError: a full fine-tune cannot be written in kohya format: ...
+    """
+    check_format(format)
+    if format == "diffusers":
+        return
+    if strategy != "lora":
+        raise AdapterError(
+            f"a {strategy} fine-tune cannot be written in {format} format: {format} files hold LoRA layers, and a "
+            f"{strategy} fine-tune holds whole weights. Save it in format 'diffusers' (load_adapter reads it), or "
+            "bake it into a full pipeline folder with `db-adapt fuse`."
+        )
+    if format == "kohya":
+        from .kohya import check_family
+
+        check_family(family or "")
+
+
+def convert(
+    tensors: Mapping[str, torch.Tensor],
+    header: Mapping[str, str],
+    info: Mapping[str, Any],
+    format: str,
+    *,
+    layers_per_block: int | None = None,
+    text_model_level: bool = False,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A db-adapters LoRA file's tensors and header as `format`'s tensors and header text.
+
+    Args:
+        tensors (`Mapping[str, Tensor]`): the file's tensors (diffusers' layout).
+        header (`Mapping[str, str]`): the file's header text (diffusers' `lora_adapter_metadata`, ours).
+        info (`Mapping[str, Any]`): our metadata, parsed (`unpack_metadata`).
+        format (`str`): "diffusers", "kohya" or "peft".
+        layers_per_block (`int | None`): SDXL's UNet `layers_per_block` for kohya's block numbers (None: inferred).
+        text_model_level (`bool`): peft: whether CLIP text models have a `text_model.` level (transformers 4).
+
+    Returns:
+        The tensors and the header text, which keeps our metadata (with `file_format`) for `db-adapt inspect`.
+    """
+    from ..adapter_file import METADATA_KEY, pack_metadata
+
+    check_convertible(info["strategy"], _family(info), format)
+    ours = pack_metadata({**{k: v for k, v in info.items() if k != "format_version"}, FILE_FORMAT_FIELD: format})
+    if format == "diffusers":
+        return dict(tensors), {**header, METADATA_KEY: ours[METADATA_KEY]}
+    if format == "kohya":
+        from .kohya import kohya_metadata, to_kohya
+
+        family = _family(info)
+        converted = to_kohya(tensors, family, _alpha(info), layers_per_block=layers_per_block)
+        return converted, {"format": "pt", **kohya_metadata(info, tensors, family), **ours}
+    from .peft import lora_configs, peft_metadata, to_peft
+
+    components = sorted({key.partition(".")[0] for key in tensors})
+    configs = lora_configs(header.get("lora_adapter_metadata"), components)
+    converted = to_peft(tensors, text_model_level=text_model_level)
+    return converted, {"format": "pt", **peft_metadata(configs), **ours}
+
+
+def export_adapter(
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    format: str,
+    *,
+    layers_per_block: int | None = None,
+) -> Path:
+    """Write the db-adapters file `source` as `format` to `output`, atomically; never unpickles anything.
+
+    Args:
+        source (`str | PathLike`): a db-adapters adapter file in its own ("diffusers") format.
+        output (`str | PathLike`): the `.safetensors` file to write (not `source` itself).
+        format (`str`): "diffusers", "kohya" or "peft".
+        layers_per_block (`int | None`): SDXL to kohya: the UNet's `layers_per_block` (None: inferred).
+
+    Example:
+        >>> export_adapter("my_dog.safetensors", "my_dog_kohya.safetensors", "kohya")  # doctest: +SKIP
+    """
+    return write_converted(source, output, format, layers_per_block=layers_per_block, name=source)
+
+
+def write_converted(
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    format: str,
+    *,
+    layers_per_block: int | None,
+    name: str | os.PathLike,
+) -> Path:
+    """`export_adapter`, with errors about the adapter naming `name` (`Adapter.save` converts a scratch file)."""
+    from ..adapter_file import check_output_path, tensors_by_component, unpack_metadata
+    from ..families import get_family
+    from ..files import save_tensors
+    from ..safe_reading import read_header, read_weights
+
+    check_format(format)
+    output = check_output_path(output)
+    header = read_header(source)  # refuses a pickle by name and bytes, before anything else
+    info = unpack_metadata(header.metadata, source)
+    if Path(source).resolve() == output.resolve():
+        raise InputError(f"output {str(output)!r} is the adapter file itself; write the export to another file.")
+    held = info.get(FILE_FORMAT_FIELD) or "diffusers"
+    if held != "diffusers":
+        raise AdapterError(
+            f"{str(name)!r} is already a {held}-format export; export from the db-adapters file it was made from."
+        )
+    try:
+        check_convertible(info["strategy"], _family(info), format)
+    except AdapterError as error:
+        raise AdapterError(f"{str(name)!r}: {error}") from None
+    tensors = read_weights(source)
+    family = _family(info)
+    if family is not None:
+        try:
+            spec = get_family(family)
+        except InputError:
+            raise AdapterError(f"{str(name)!r}: metadata names an unknown model family {family!r}.") from None
+        tensors_by_component(tensors, source, spec)  # every key belongs to one of the family's components
+    try:
+        converted, metadata = convert(
+            tensors,
+            header.metadata,
+            info,
+            format,
+            layers_per_block=layers_per_block,
+            text_model_level=clip_has_text_model_level(),
+        )
+    except AdapterError as error:
+        raise AdapterError(f"{str(name)!r}: {error}") from None
+    return save_tensors(output, converted, metadata)
+
+
+@functools.cache
+def clip_has_text_model_level() -> bool:
+    """Whether the installed transformers' `CLIPTextModel` nests its layers under `text_model.` (4.x; 5.x does not)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    sizes = {"hidden_size": 4, "intermediate_size": 4, "num_hidden_layers": 1, "num_attention_heads": 1}
+    config = CLIPTextConfig(vocab_size=8, bos_token_id=0, eos_token_id=1, pad_token_id=1, **sizes)
+    return any(name.startswith("text_model.") for name, _ in CLIPTextModel(config).named_modules())
+
+
+def _family(info: Mapping[str, Any]) -> str | None:
+    return (info.get("base_model") or {}).get("family")
+
+
+def _alpha(info: Mapping[str, Any]) -> float:
+    config = info.get("strategy_config") or {}
+    alpha = config.get("alpha") if config.get("alpha") is not None else config.get("rank")
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or alpha <= 0:
+        raise AdapterError(f"metadata's LoRA alpha {alpha!r} is not a positive number; the file is damaged.")
+    return float(alpha)
+
+
+__all__ = ["FORMATS", "check_convertible", "check_format", "convert", "export_adapter"]
