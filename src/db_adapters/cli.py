@@ -150,9 +150,14 @@ def main(debug: bool) -> None:
 
 def quiet_libraries() -> None:
     """Keep transformers' and diffusers' info chatter and loading bars off a command's output."""
+    import logging
+
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # bitsandbytes (imported by peft) warns on CPUs that an optional `kernels` package is missing: nothing
+    # a user of db-adapt can act on.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.formatwarning = _one_line_warning
 
 
