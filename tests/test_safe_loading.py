@@ -334,7 +334,7 @@ DAMAGE = {
     "resolution a string": ("lora", lambda raw: edit_metadata(raw, _set_field("resolution", "32")), r"'resolution'"),
     "base_model a string": ("lora", lambda raw: edit_metadata(raw, _set_field("base_model", "sd15")), r"'base_model'"),
     "format from the future": ("lora", lambda raw: edit_metadata(raw, _set_field("format_version", 99)), r"upgrade"),
-    "unknown strategy": ("lora", lambda raw: edit_metadata(raw, _set_field("strategy", "dora")), r"unknown strategy"),
+    "unknown strategy": ("lora", lambda raw: edit_metadata(raw, _set_field("strategy", "nope")), r"unknown strategy"),
     "option of another strategy": (
         "full",
         lambda raw: edit_metadata(raw, _set_config("rank", 4)),
