@@ -187,6 +187,21 @@ def test_safetensors_name_with_pickle_or_zip_bytes_is_refused(tmp_path, pipe, no
     assert not marker.exists()
 
 
+def test_a_header_length_that_starts_like_a_pickle_is_still_read(tmp_path):
+    """A header length of 0x..80 bytes begins with the pickle magic byte; the header after it decides."""
+    from safetensors.torch import save_file
+
+    from db_adapters.safe_reading import read_tensors
+
+    path = tmp_path / "ok.safetensors"
+    for padding in range(256):
+        save_file({"unet.x": torch.ones(2)}, str(path), metadata={"note": "x" * padding})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    assert torch.equal(read_tensors(path)["unet.x"], torch.ones(2))
+
+
 # --- every damaged file is an AdapterError naming the file ------------------------------------------
 
 
@@ -319,7 +334,7 @@ DAMAGE = {
     "resolution a string": ("lora", lambda raw: edit_metadata(raw, _set_field("resolution", "32")), r"'resolution'"),
     "base_model a string": ("lora", lambda raw: edit_metadata(raw, _set_field("base_model", "sd15")), r"'base_model'"),
     "format from the future": ("lora", lambda raw: edit_metadata(raw, _set_field("format_version", 99)), r"upgrade"),
-    "unknown strategy": ("lora", lambda raw: edit_metadata(raw, _set_field("strategy", "dora")), r"unknown strategy"),
+    "unknown strategy": ("lora", lambda raw: edit_metadata(raw, _set_field("strategy", "nope")), r"unknown strategy"),
     "option of another strategy": (
         "full",
         lambda raw: edit_metadata(raw, _set_config("rank", 4)),

@@ -86,7 +86,7 @@ def make_plan(
     if identifier not in instance_prompt.split():
         logger.warning("instance_prompt %r does not contain the identifier %r.", instance_prompt, identifier)
     denoiser = getattr(pipe, family.denoiser)
-    check_quantization(config.quantize_base, denoiser, chosen.name, denoiser.device)
+    check_quantization(config.quantize_base, denoiser, chosen, denoiser.device)
     return RunPlan(
         family=family,
         strategy=chosen,

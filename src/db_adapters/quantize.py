@@ -4,7 +4,8 @@
 `BitsAndBytesConfig` (which needs a CUDA GPU), after the class images and latents were made with the
 full-precision base; a pipeline whose denoiser was already loaded so is trained as it is. LoRA's
 own weights stay fp32, and the file they are saved to loads onto the unquantized base with plain
-`load_lora_weights` (the module names do not change). Full fine-tuning of a quantized base is refused.
+`load_lora_weights` (the module names do not change). Other strategies (full, DoRA, LoHa, LoKr, OFT) refuse
+a quantized base.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     import torch
 
     from .families import Family
+    from .strategies import Strategy
 
 __all__ = ["QUANTIZATIONS", "check_quantization", "is_quantized", "quantize_denoiser"]
 
@@ -37,13 +39,14 @@ def is_quantized(module: Any) -> bool:
     return any(type(p).__name__ in ("Params4bit", "Int8Params") for p in module.parameters())
 
 
-def check_quantization(kind: str | None, denoiser: Any, strategy: str, device: torch.device) -> None:
-    """Refuse what cannot work: a full fine-tune of a quantized base, quantizing without a CUDA GPU."""
+def check_quantization(kind: str | None, denoiser: Any, strategy: Strategy, device: torch.device) -> None:
+    """Refuse what cannot work: a quantized base for a strategy that cannot train one (its
+    `quantized_base_refusal` says why), quantizing without a CUDA GPU."""
     quantized = kind is not None or is_quantized(denoiser)
-    if quantized and strategy == "full":
+    if quantized and strategy.quantized_base_refusal:
         raise InputError(
-            "strategy='full' cannot train a quantized base (its weights are 4/8-bit and frozen); use "
-            "strategy='lora' with a quantized base, or load the model unquantized for a full fine-tune."
+            f"strategy={strategy.name!r} cannot train a quantized base ({strategy.quantized_base_refusal}); use "
+            "strategy='lora' with a quantized base, or load the model unquantized."
         )
     if kind is not None and device.type != "cuda":
         raise InputError(

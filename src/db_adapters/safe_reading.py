@@ -116,13 +116,17 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     path = check_adapter_file(path)
     with open(path, "rb") as handle:
         size = os.fstat(handle.fileno()).st_size
-        prefix = handle.read(8)
+        prefix = handle.read(9)  # the header length, and the header's first character
         if len(prefix) < 8:
             raise _invalid(path, f"truncated to {size} bytes, shorter than the 8-byte header length")
-        for start, kind in _FOREIGN_STARTS:
-            if prefix.startswith(start):
-                raise _invalid(path, f"its bytes are {kind}, which db-adapters never unpickles. {_CONVERT_HINT}")
-        length = int.from_bytes(prefix, "little")
+        length = int.from_bytes(prefix[:8], "little")
+        # A header length whose low byte is 0x80 starts like a pickle: it is one only if what follows
+        # is no safetensors header.
+        if not (prefix[8:] == b"{" and length <= size - 8):
+            for start, kind in _FOREIGN_STARTS:
+                if prefix.startswith(start):
+                    raise _invalid(path, f"its bytes are {kind}, which db-adapters never unpickles. {_CONVERT_HINT}")
+        handle.seek(8)
         if length > MAX_HEADER_BYTES:
             raise _invalid(path, f"header length {length} is absurd (safetensors allows {MAX_HEADER_BYTES} bytes)")
         if length > size - 8:

@@ -36,6 +36,9 @@ class Strategy(ABC):
     name: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
     default_learning_rate: ClassVar[float] = 1e-4
+    # Why the strategy cannot train a 4/8-bit quantized denoiser (QLoRA), for the error; None: it can.
+    # An instance may decide by its options (LoRA can, DoRA cannot).
+    quantized_base_refusal: str | None = None
     # The pipeline's family and the components this strategy trains; set by `apply` and `load`.
     family: type[Family] | None = None
     components: tuple[str, ...] = ()
