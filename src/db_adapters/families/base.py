@@ -36,6 +36,7 @@ class Family(ABC):
 
     Attributes:
         name: the family's short name, stored in adapter files ("sd", "sdxl").
+        pipeline_classes: the diffusers pipeline classes it serves (and their subclasses), by name.
         title: what users call it ("Stable Diffusion 1.x/2.x").
         denoiser: the pipeline attribute of the denoiser ("unet", "transformer").
         text_encoders: the pipeline attributes of the text encoders, in prompt-encoding order.
@@ -49,6 +50,7 @@ class Family(ABC):
 
     name: ClassVar[str] = ""
     title: ClassVar[str] = ""
+    pipeline_classes: ClassVar[tuple[str, ...]] = ()
     denoiser: ClassVar[str] = "unet"
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)
     tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer",)
@@ -63,9 +65,16 @@ class Family(ABC):
     # --- which pipelines ---------------------------------------------------------------------------
 
     @classmethod
-    @abstractmethod
     def serves(cls, pipe: Any) -> bool:
-        """Whether `pipe` is a pipeline of this family (a text-to-image one; img2img and inpainting are not)."""
+        """Whether `pipe` is a pipeline of this family (a text-to-image one; img2img and inpainting are not).
+
+        By class name along the pipeline's class hierarchy, so finding the family of an SD pipeline does
+        not import Flux's or SD3's pipeline modules (and their T5 code).
+        """
+        return any(
+            klass.__name__ in cls.pipeline_classes and klass.__module__.startswith("diffusers.")
+            for klass in type(pipe).__mro__
+        )
 
     @classmethod
     def check(cls, pipe: Any) -> None:

@@ -35,6 +35,7 @@ class Flux(Family):
 
     name = "flux"
     title = "FLUX.1 dev/schnell (FluxPipeline)"
+    pipeline_classes = ("FluxPipeline",)
     denoiser = "transformer"
     text_encoders = ("text_encoder", "text_encoder_2")
     tokenizers = ("tokenizer", "tokenizer_2")
@@ -55,12 +56,6 @@ class Flux(Family):
         "ff_context.net.0.proj",
         "ff_context.net.2",
     )
-
-    @classmethod
-    def serves(cls, pipe: Any) -> bool:
-        from diffusers import FluxPipeline
-
-        return isinstance(pipe, FluxPipeline)
 
     @classmethod
     def max_length(cls, tokenizer_name: str, tokenizer: Any) -> int:

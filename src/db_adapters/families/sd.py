@@ -29,12 +29,7 @@ class StableDiffusion(Family):
 
     name = "sd"
     title = "Stable Diffusion 1.x/2.x (StableDiffusionPipeline)"
-
-    @classmethod
-    def serves(cls, pipe: Any) -> bool:
-        from diffusers import StableDiffusionPipeline
-
-        return isinstance(pipe, StableDiffusionPipeline)
+    pipeline_classes = ("StableDiffusionPipeline",)
 
     @classmethod
     def check(cls, pipe: Any) -> None:

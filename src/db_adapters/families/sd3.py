@@ -34,6 +34,7 @@ class StableDiffusion3(Family):
 
     name = "sd3"
     title = "Stable Diffusion 3/3.5 (StableDiffusion3Pipeline)"
+    pipeline_classes = ("StableDiffusion3Pipeline",)
     denoiser = "transformer"
     text_encoders = ("text_encoder", "text_encoder_2", "text_encoder_3")
     tokenizers = ("tokenizer", "tokenizer_2", "tokenizer_3")
@@ -51,12 +52,6 @@ class StableDiffusion3(Family):
         "attn.to_q",
         "attn.to_v",
     )
-
-    @classmethod
-    def serves(cls, pipe: Any) -> bool:
-        from diffusers import StableDiffusion3Pipeline
-
-        return isinstance(pipe, StableDiffusion3Pipeline)
 
     @classmethod
     def max_length(cls, tokenizer_name: str, tokenizer: Any) -> int:

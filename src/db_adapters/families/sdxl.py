@@ -31,14 +31,9 @@ class StableDiffusionXL(Family):
 
     name = "sdxl"
     title = "Stable Diffusion XL (StableDiffusionXLPipeline)"
+    pipeline_classes = ("StableDiffusionXLPipeline",)
     text_encoders = ("text_encoder", "text_encoder_2")
     tokenizers = ("tokenizer", "tokenizer_2")
-
-    @classmethod
-    def serves(cls, pipe: Any) -> bool:
-        from diffusers import StableDiffusionXLPipeline
-
-        return isinstance(pipe, StableDiffusionXLPipeline)
 
     @classmethod
     def check(cls, pipe: Any) -> None:
