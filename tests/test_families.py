@@ -359,3 +359,26 @@ def test_flux_dev_is_given_the_guidance_value_and_schnell_none(tmp_path, monkeyp
         tiny_flux_pipeline(guidance=False), make_subject_images(), "dog", steps=1, output_dir=tmp_path / "b", **QUICK
     )
     assert seen[-1] is None
+
+
+@pytest.mark.parametrize("family", FLOW)
+def test_frozen_t5_runs_once_per_prompt_while_clip_trains(family, tmp_path):
+    pipe = tiny_pipeline_of(family)
+    spec = get_family(family)
+    (t5_name,) = [name for name in spec.text_encoders if name not in spec.components(True)]
+    calls, seen_at_step = [], {}
+    getattr(pipe, t5_name).register_forward_hook(lambda *args: calls.append(1))
+    settings = {"steps": 3, "train_text_encoder": True, "learning_rate": 1e-2}
+    personalize(
+        pipe,
+        make_subject_images(),
+        "dog",
+        callback=lambda step, logs: seen_at_step.setdefault(step, len(calls)),
+        output_dir=tmp_path,
+        **settings,
+        **QUICK,
+    )
+    # T5 ran for the class images and once per prompt before training; no step ran it again.
+    assert seen_at_step[1] >= 2 and seen_at_step[3] == seen_at_step[1], seen_at_step
+    state = getattr(pipe, spec.components(True)[1]).state_dict()
+    assert any(".lora_B" in k and state[k].abs().sum() > 0 for k in state)

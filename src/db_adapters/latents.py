@@ -59,12 +59,41 @@ class TrainingHalf:
 
 @dataclass
 class TrainingSet:
-    """The instance half, the class half when prior preservation is on, and the conditioning every
-    sample of the run shares (Flux's guidance value), batch 1."""
+    """The instance half, the class half when prior preservation is on, the conditioning every sample
+    of the run shares (Flux's guidance value, batch 1), and the frozen text encoders' outputs when
+    others train (`frozen_encoders`, handed to the family's `encode_prompt` in place of the encoders)."""
 
     instance: TrainingHalf
     prior: TrainingHalf | None = None
     shared: Conditioning = field(default_factory=dict)
+    frozen_encoders: dict[str, FrozenEncoderOutputs] = field(default_factory=dict)
+
+
+class FrozenEncoderOutputs:
+    """A frozen text encoder that runs once per prompt: later calls with the same ids return the stored output.
+
+    While CLIP encoders train, SD3's and Flux's T5 stays frozen; without this it would run every step
+    (on the CPU, once offloaded). Called like the encoder, so a family's `encode_prompt` needs no change.
+
+    Args:
+        module (`torch.nn.Module`): the frozen encoder.
+    """
+
+    def __init__(self, module: Any) -> None:
+        self.module, self.outputs = module, {}
+
+    @property
+    def device(self) -> Any:
+        return self.module.device
+
+    def __call__(self, ids: torch.Tensor, **kwargs: Any) -> Any:
+        import torch
+
+        key = (ids.cpu().numpy().tobytes(), tuple(sorted(kwargs.items())))
+        if key not in self.outputs:
+            with torch.no_grad():
+                self.outputs[key] = self.module(ids.to(self.module.device), **kwargs)
+        return self.outputs[key]
 
 
 def encode_images(vae: Any, pixels: torch.Tensor, batch_size: int = 8) -> LatentBank:
@@ -104,7 +133,23 @@ def training_set(pipe: Any, plan: RunPlan, prior: list[Image.Image]) -> Training
     )
     if prior:
         data.prior = _half(pipe, plan, prior, plan.class_prompt, [False] * len(prior))
+    if config.train_text_encoder:
+        _remember_frozen_encoders(pipe, plan, data)
     return data
+
+
+def _remember_frozen_encoders(pipe: Any, plan: RunPlan, data: TrainingSet) -> None:
+    """Run the encoders that stay frozen once per prompt now, while they are still on the accelerator."""
+    trained = set(plan.family.components(train_text_encoder=True))
+    for name in plan.family.text_encoders:
+        if name not in trained and getattr(pipe, name, None) is not None:
+            data.frozen_encoders[name] = FrozenEncoderOutputs(getattr(pipe, name))
+    import torch
+
+    with torch.no_grad():
+        for half in (data.instance, data.prior) if data.frozen_encoders else ():
+            if half is not None:
+                plan.family.encode_prompt(pipe, half.prompt_ids, data.frozen_encoders)
 
 
 def _half(pipe: Any, plan: RunPlan, images: list[Image.Image], prompt: str, flips: list[bool]) -> TrainingHalf:

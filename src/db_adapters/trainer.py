@@ -441,7 +441,7 @@ class Trainer:
         timesteps = self.objective.sample_timesteps(batch, gen)
         prompt = half.prompt_embeds
         if prompt is None:  # the text encoders train: encode the prompt through them, every step
-            prompt = self.family.encode_prompt(self.pipe, half.prompt_ids, self._models)
+            prompt = self.family.encode_prompt(self.pipe, half.prompt_ids, self._models | self.data.frozen_encoders)
         conditioning = {key: value.expand(batch, *value.shape[1:]) for key, value in prompt.items()}
         conditioning |= {key: value[indices] for key, value in half.image_conditioning.items()}
         conditioning |= {key: value.expand(batch, *value.shape[1:]) for key, value in self.data.shared.items()}
