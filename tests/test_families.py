@@ -382,3 +382,54 @@ def test_frozen_t5_runs_once_per_prompt_while_clip_trains(family, tmp_path):
     assert seen_at_step[1] >= 2 and seen_at_step[3] == seen_at_step[1], seen_at_step
     state = getattr(pipe, spec.components(True)[1]).state_dict()
     assert any(".lora_B" in k and state[k].abs().sum() > 0 for k in state)
+
+
+def test_sd3_conditioning_equals_the_pipelines_own():
+    pipe = tiny_pipeline_of("sd3")
+    family = get_family("sd3")
+    ours = family.encode_prompt(pipe, family.prompt_ids(pipe, "a red dog"))
+    embeds, _, pooled, _ = pipe.encode_prompt(
+        "a red dog", prompt_2=None, prompt_3=None, device="cpu", do_classifier_free_guidance=False
+    )
+    assert torch.equal(ours["encoder_hidden_states"], embeds)  # CLIP-L + CLIP-G padded, then T5's 256 tokens
+    assert torch.equal(ours["pooled_projections"], pooled)
+    pipe.text_encoder_3, pipe.tokenizer_3 = None, None  # SD3 without T5: zeros in its place, as the pipeline
+    ours = family.encode_prompt(pipe, family.prompt_ids(pipe, "a red dog"))
+    embeds, _, _, _ = pipe.encode_prompt(
+        "a red dog", prompt_2=None, prompt_3=None, device="cpu", do_classifier_free_guidance=False
+    )
+    assert torch.equal(ours["encoder_hidden_states"], embeds)
+
+
+def test_flux_conditioning_and_packing_equal_the_pipelines_own():
+    from diffusers import FluxPipeline
+
+    pipe = tiny_pipeline_of("flux")
+    family = get_family("flux")
+    ours = family.encode_prompt(pipe, family.prompt_ids(pipe, "a red dog"))
+    embeds, pooled, text_ids = pipe.encode_prompt("a red dog", prompt_2=None, device="cpu")
+    assert torch.equal(ours["encoder_hidden_states"], embeds)  # T5's 512 tokens
+    assert torch.equal(ours["pooled_projections"], pooled)  # CLIP's pooled output
+    # The denoiser call: the same output as the transformer on the pipeline's own packing and ids.
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    sigmas = torch.tensor([0.3, 0.7])
+    conditioning = {
+        "encoder_hidden_states": embeds.expand(2, -1, -1),
+        "pooled_projections": pooled.expand(2, -1),
+        "guidance": torch.full((2,), 3.5),
+    }
+    with torch.no_grad():
+        ours = family.predict(pipe.transformer, latents, sigmas, conditioning)
+        packed = FluxPipeline._pack_latents(latents, 2, 4, 8, 8)
+        image_ids = FluxPipeline._prepare_latent_image_ids(2, 4, 4, "cpu", latents.dtype)
+        theirs = pipe.transformer(
+            hidden_states=packed,
+            timestep=sigmas,
+            guidance=conditioning["guidance"],
+            pooled_projections=conditioning["pooled_projections"],
+            encoder_hidden_states=conditioning["encoder_hidden_states"],
+            txt_ids=text_ids,
+            img_ids=image_ids,
+        ).sample
+    assert ours.shape == latents.shape
+    assert torch.equal(FluxPipeline._pack_latents(ours, 2, 4, 8, 8), theirs)
