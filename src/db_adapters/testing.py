@@ -164,7 +164,7 @@ def tiny_components(
     head dims and a v-prediction scheduler.
     """
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from diffusers import PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = tiny_tokenizer()
@@ -183,16 +183,7 @@ def tiny_components(
         norm_num_groups=8,
     )
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=sample_size * 2,
-    )
+    vae = _tiny_vae(sample_size * 2)
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
@@ -228,6 +219,22 @@ def tiny_components(
         "image_encoder": None,
         "requires_safety_checker": False,
     }
+
+
+def _tiny_vae(sample_size: int) -> Any:
+    """SD's VAE layout with two blocks (a factor-2 VAE: 32 px images, 16x16x4 latents)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=sample_size,
+    )
 
 
 def tiny_pipeline(seed: int = 0, *, v_prediction: bool = False) -> StableDiffusionPipeline:
@@ -286,7 +293,7 @@ def tiny_sdxl_components(seed: int = 0) -> dict[str, Any]:
         (64, 32)
     """
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer = tiny_tokenizer()
@@ -311,16 +318,7 @@ def tiny_sdxl_components(seed: int = 0) -> dict[str, Any]:
         norm_num_groups=8,
     )
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    )
+    vae = _tiny_vae(32)
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(_tiny_clip_text_config(tokenizer))
     torch.manual_seed(seed + 3)

@@ -23,18 +23,26 @@ if TYPE_CHECKING:
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
-@register_family
-class StableDiffusion(Family):
-    """SD 1.x/2.x: the prompt's last hidden state conditions the UNet through cross-attention."""
-
-    name = "sd"
-    title = "Stable Diffusion 1.x/2.x (StableDiffusionPipeline)"
-    pipeline_classes = ("StableDiffusionPipeline",)
+class DiffusionFamily(Family):
+    """What the DDPM families (SD 1.x/2.x, SDXL) share: an epsilon or v-prediction scheduler and its objective."""
 
     @classmethod
     def check(cls, pipe: Any) -> None:
         super().check(pipe)
         check_prediction_type(pipe)
+
+    @classmethod
+    def objective(cls, pipe: Any, config: TrainConfig) -> Objective:
+        return ddpm_objective(pipe, config, cls.title)
+
+
+@register_family
+class StableDiffusion(DiffusionFamily):
+    """SD 1.x/2.x: the prompt's last hidden state conditions the UNet through cross-attention."""
+
+    name = "sd"
+    title = "Stable Diffusion 1.x/2.x (StableDiffusionPipeline)"
+    pipeline_classes = ("StableDiffusionPipeline",)
 
     @classmethod
     def encode_prompt(
@@ -48,10 +56,6 @@ class StableDiffusion(Family):
         cls, denoiser: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning
     ) -> torch.Tensor:
         return denoiser(noisy, timesteps, conditioning["encoder_hidden_states"]).sample
-
-    @classmethod
-    def objective(cls, pipe: Any, config: TrainConfig) -> Objective:
-        return ddpm_objective(pipe, config, cls.title)
 
 
 def ddpm_objective(pipe: Any, config: TrainConfig, title: str) -> Objective:

@@ -12,21 +12,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from . import register_family
-from .base import Conditioning, Family
-from .sd import check_prediction_type, ddpm_objective
+from .base import Conditioning
+from .sd import DiffusionFamily
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
     import torch
 
-    from ..config import TrainConfig
     from ..data import CropGeometry
-    from ..objectives import Objective
 
 
 @register_family
-class StableDiffusionXL(Family):
+class StableDiffusionXL(DiffusionFamily):
     """SDXL base: text_encoder (CLIP ViT-L) + text_encoder_2 (OpenCLIP ViT-bigG with projection)."""
 
     name = "sdxl"
@@ -34,11 +32,6 @@ class StableDiffusionXL(Family):
     pipeline_classes = ("StableDiffusionXLPipeline",)
     text_encoders = ("text_encoder", "text_encoder_2")
     tokenizers = ("tokenizer", "tokenizer_2")
-
-    @classmethod
-    def check(cls, pipe: Any) -> None:
-        super().check(pipe)
-        check_prediction_type(pipe)
 
     @classmethod
     def encode_prompt(
@@ -69,10 +62,6 @@ class StableDiffusionXL(Family):
     ) -> torch.Tensor:
         added = {"text_embeds": conditioning["text_embeds"], "time_ids": conditioning["time_ids"]}
         return denoiser(noisy, timesteps, conditioning["encoder_hidden_states"], added_cond_kwargs=added).sample
-
-    @classmethod
-    def objective(cls, pipe: Any, config: TrainConfig) -> Objective:
-        return ddpm_objective(pipe, config, cls.title)
 
     @classmethod
     def native_resolution(cls, pipe: Any) -> int:
