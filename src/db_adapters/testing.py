@@ -165,7 +165,7 @@ def tiny_components(
     """
     import torch
     from diffusers import PNDMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     tokenizer = tiny_tokenizer()
     torch.manual_seed(seed)
@@ -185,19 +185,7 @@ def tiny_components(
     torch.manual_seed(seed + 1)
     vae = _tiny_vae(sample_size * 2)
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = CLIPTextModel(_tiny_clip_text_config(tokenizer))
     scheduler = PNDMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
