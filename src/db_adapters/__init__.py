@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "personalize": "api",
+    "Subject": "subjects",
     "Adapter": "adapter",
     "load_adapter": "adapter",
     "unload_adapter": "adapter",
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from .api import personalize  # noqa: F401
     from .binder import choose_identifier, validate_identifier  # noqa: F401
     from .strategies import Strategy, available_strategies, get_strategy, register_strategy  # noqa: F401
+    from .subjects import Subject  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -41,6 +41,11 @@ class Adapter:
         class_noun (`str`): the subject's class, e.g. "dog".
         instance_prompt (`str`): the training prompt, e.g. "a olg dog".
         strategy (`Strategy`): the strategy whose weights are in the pipeline.
+        subjects (`list[dict]`): every subject the adapter holds, in training order, each with its
+            "identifier", "class_noun", "instance_prompt" and "class_prompt"; the first is also
+            `identifier`, `class_noun` and `instance_prompt`.
+        tokens (`list[str]`): pivotal tuning's new tokens (["<s0>", "<s1>"]), in the pipeline's CLIP
+            tokenizers while the adapter is attached; empty without pivotal tuning.
         history (`list[dict]`): per-step losses of the training run (empty after `load_adapter`).
     """
 
@@ -51,9 +56,27 @@ class Adapter:
     base_model: dict[str, str]
     resolution: int
     steps: int
+    subjects: list[dict[str, str]] = field(default_factory=list)
+    tokens: list[str] = field(default_factory=list)
     pipe: Any = field(repr=False, default=None)
     history: list[dict[str, float]] = field(default_factory=list, repr=False)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.subjects:  # a one-subject adapter (or one from a file written before `subjects`)
+            self.subjects = [
+                {"identifier": self.identifier, "class_noun": self.class_noun, "instance_prompt": self.instance_prompt}
+            ]
+
+    @property
+    def identifiers(self) -> list[str]:
+        """Every subject's identifier, in training order.
+
+        Example:
+            >>> adapter.identifiers  # doctest: +SKIP
+            ['ki', 'olg']
+        """
+        return [subject["identifier"] for subject in self.subjects]
 
     def metadata(self) -> dict[str, Any]:
         """Everything the file's header records about this adapter (JSON-able)."""
@@ -61,6 +84,8 @@ class Adapter:
             "identifier": self.identifier,
             "class_noun": self.class_noun,
             "instance_prompt": self.instance_prompt,
+            "subjects": self.subjects,
+            "new_tokens": self.tokens,
             "strategy": self.strategy.name,
             "strategy_config": self.strategy.config(),
             "train_text_encoder": self.strategy.train_text_encoder,
@@ -104,11 +129,54 @@ class Adapter:
         # A strategy may write scratch files with other writers (diffusers' for LoRA): a full disk there
         # is reported as an OSError naming `path` too.
         with named_write_errors(path):
-            if format == "diffusers":
+            if format == "diffusers" and self.tokens:
+                self._save_with_tokens(path, dtype)
+            elif format == "diffusers":
                 self.strategy.save(self.pipe, path, pack_metadata(self.metadata()), dtype)
             else:
                 self._save_converted(path, dtype, format)
+            if self.tokens:
+                self.save_embeddings(embeddings_path(path), dtype)
         return path
+
+    def save_embeddings(self, path: str | os.PathLike, dtype: torch.dtype | str | None = None) -> Path:
+        """Write pivotal tuning's token embeddings as a textual-inversion file (`Adapter.save` writes it too).
+
+        The file is what diffusers' `pipe.load_textual_inversion(path, token=[...])` reads (SD 1.x/2.x:
+        `emb_params`; SDXL: `clip_l` / `clip_g`, per encoder, as A1111 and ComfyUI read SDXL embeddings).
+
+        Args:
+            path (`str | PathLike`): a `.safetensors` file name.
+            dtype (`torch.dtype | str | None`): float16/bfloat16 to halve the file; None keeps float32.
+
+        Example:
+            >>> adapter.save_embeddings("my_dog_emb.safetensors")  # doctest: +SKIP
+        """
+        from .files import save_tensors
+        from .pivotal import embedding_file_tensors, pipeline_rows
+
+        if not self.tokens:
+            raise AdapterError("this adapter has no token embeddings (it was trained without pivotal_tokens).")
+        path = check_output_path(path)
+        family = family_of(self.pipe)
+        rows, dtype = pipeline_rows(self.pipe, family, self.tokens), _as_dtype(dtype)
+        rows = {component: tensor.to(dtype) for component, tensor in rows.items()} if dtype else rows
+        return save_tensors(path, embedding_file_tensors(family, rows), {"tokens": ",".join(self.tokens)})
+
+    def _save_with_tokens(self, path: Path, dtype: torch.dtype | None) -> None:
+        # The strategy writes its file (into a scratch folder beside `path`); the token rows join it, under keys
+        # plain diffusers' load_lora_weights skips (see pivotal.KEY_PREFIX), and the whole moves into place.
+        import tempfile
+
+        from .files import save_tensors
+        from .pivotal import file_tensors, pipeline_rows
+        from .safe_reading import read_file_metadata, read_tensors
+
+        rows = pipeline_rows(self.pipe, family_of(self.pipe), self.tokens)
+        with tempfile.TemporaryDirectory(prefix=".db-adapters-", dir=path.parent) as scratch:
+            staged = Path(scratch) / "adapter.safetensors"
+            self.strategy.save(self.pipe, staged, pack_metadata(self.metadata()), dtype)
+            save_tensors(path, {**read_tensors(staged), **file_tensors(rows, dtype)}, read_file_metadata(staged))
 
     def _save_converted(self, path: Path, dtype: torch.dtype | None, format: str) -> None:
         # Our own file first, in a scratch folder beside `path`, then converted from it: the same code path
@@ -123,6 +191,18 @@ class Adapter:
             staged = Path(scratch) / "adapter.safetensors"
             self.strategy.save(self.pipe, staged, pack_metadata(self.metadata()), dtype)
             write_converted(staged, path, format, layers_per_block=layers_per_block, name=path)
+
+
+def embeddings_path(path: str | os.PathLike) -> Path:
+    """Where `Adapter.save` writes the token embeddings beside an adapter file: `name_emb.safetensors`
+    (the name diffusers' advanced DreamBooth script gives them).
+
+    Example:
+        >>> embeddings_path("runs/my_dog.safetensors").name
+        'my_dog_emb.safetensors'
+    """
+    path = Path(path)
+    return path.with_name(f"{path.stem}_emb{path.suffix}")
 
 
 def attached_adapter(pipe: Any) -> Adapter | None:
@@ -189,8 +269,12 @@ def load_adapter(pipe: DiffusionPipeline, path: str | os.PathLike) -> Adapter:
     refuse_if_adapted(pipe)
     _check_base_model(pipe, family, info, path)
     strategy = _strategy_of(info, path)
+    tokens, rows = _tokens_of(info, path)
     # A strategy's `load` checks the weights against the pipeline and, if it raises, leaves it as it was.
     strategy.load(pipe, family, Path(path))
+    subjects = _subjects_of(info, path)
+    if tokens:
+        subjects, tokens = _load_tokens(pipe, family, strategy, subjects, tokens, rows, path)
     trained_text_encoder = info.get("train_text_encoder")
     if trained_text_encoder is not None and strategy.train_text_encoder != trained_text_encoder:
         strategy.remove(pipe)
@@ -199,17 +283,78 @@ def load_adapter(pipe: DiffusionPipeline, path: str | os.PathLike) -> Adapter:
             f"{str(path)!r}: its metadata says train_text_encoder={trained_text_encoder} but the file {held} "
             "text-encoder weights; the file is damaged or was edited."
         )
+    first = subjects[0] if subjects else info
     adapter = Adapter(
-        identifier=info["identifier"],
-        class_noun=info["class_noun"],
-        instance_prompt=info["instance_prompt"],
+        identifier=first["identifier"],
+        class_noun=first["class_noun"],
+        instance_prompt=first["instance_prompt"],
         strategy=strategy,
         base_model=info.get("base_model") or {},
         resolution=info.get("resolution") or 0,
         steps=info.get("steps") or 0,
+        subjects=subjects,
+        tokens=tokens,
     )
     attach(pipe, adapter)
     return adapter
+
+
+def _subjects_of(info: dict[str, Any], path: str | os.PathLike) -> list[dict[str, str]]:
+    subjects = info.get("subjects")
+    if subjects is None:
+        return []  # written before several subjects: the one subject is identifier / class_noun / prompt
+    fields = ("identifier", "class_noun", "instance_prompt")
+    if (
+        not isinstance(subjects, list)
+        or not subjects
+        or not all(isinstance(s, dict) and all(isinstance(s.get(f), str) for f in fields) for s in subjects)
+    ):
+        raise AdapterError(f"{str(path)!r}: metadata field 'subjects' is not a list of subjects; the file is damaged.")
+    return subjects
+
+
+def _tokens_of(info: dict[str, Any], path: str | os.PathLike) -> tuple[list[str], dict[str, torch.Tensor]]:
+    from .pivotal import rows_in_file
+    from .safe_reading import read_weights
+
+    tokens = info.get("new_tokens") or []
+    if not isinstance(tokens, list) or not all(isinstance(t, str) and t for t in tokens):
+        raise AdapterError(f"{str(path)!r}: metadata field 'new_tokens' is not a list of tokens; the file is damaged.")
+    if not tokens:
+        return [], {}
+    rows = rows_in_file(read_weights(path))
+    if not rows:
+        raise AdapterError(f"{str(path)!r}: its metadata names new tokens {tokens} but it holds no token embeddings.")
+    return tokens, rows
+
+
+def _load_tokens(
+    pipe: Any,
+    family: Any,
+    strategy: Strategy,
+    subjects: list[dict[str, str]],
+    tokens: list[str],
+    rows: dict[str, torch.Tensor],
+    path: str | os.PathLike,
+) -> tuple[list[dict[str, str]], list[str]]:
+    """Put pivotal tuning's tokens in (renamed if another adapter holds their names); the subjects' prompts
+    with the names used. If it fails, the strategy's weights come out again."""
+    from .pivotal import free_tokens, load_tokens, renamed, token_encoders
+
+    expected = set(token_encoders(family))
+    if set(rows) != expected:
+        strategy.remove(pipe)
+        raise AdapterError(
+            f"{str(path)!r} holds token embeddings for {sorted(rows)}; this pipeline's tokens go in {sorted(expected)}."
+        )
+    mapping = free_tokens(pipe, family, tokens)
+    try:
+        load_tokens(pipe, family, [mapping[t] for t in tokens], rows)
+    except BaseException:
+        strategy.remove(pipe)
+        raise
+    subjects = [{key: renamed(value, mapping) for key, value in subject.items()} for subject in subjects]
+    return subjects, [mapping[t] for t in tokens]
 
 
 def _strategy_of(info: dict[str, Any], path: str | os.PathLike) -> Strategy:
@@ -233,6 +378,10 @@ def unload_adapter(pipe: DiffusionPipeline) -> None:
     if adapter is None:
         raise AdapterError("this pipeline carries no db-adapters adapter; nothing to unload.")
     adapter.strategy.remove(pipe)
+    if adapter.tokens:
+        from .pivotal import unload_tokens
+
+        unload_tokens(pipe, family_of(pipe), adapter.tokens)
     object.__delattr__(pipe, _ATTRIBUTE)
     adapter.pipe = None
 

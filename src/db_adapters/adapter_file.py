@@ -61,9 +61,13 @@ def tensors_by_component(
         >>> sorted(tensors_by_component({"unet.a": torch.zeros(1)}, "x.safetensors", get_family("sd")))
         ['unet']
     """
+    from .pivotal import KEY_PREFIX
+
     components = family.components()
     split: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
+        if key.startswith(KEY_PREFIX):
+            continue  # pivotal tuning's token embeddings: `load_adapter` puts them in, not the strategy
         component, _, name = key.partition(".")
         if component not in components or not name:
             raise AdapterError(f"{str(path)!r}: unexpected tensor {key!r}; adapter keys start with {components}.")

@@ -17,8 +17,10 @@ from .adapter import Adapter, attach, refuse_if_adapted
 from .config import TrainConfig, help_text
 from .latents import training_set
 from .memory import FrozenParts
+from .pivotal import TokenEmbeddings
 from .plan import RunPlan, make_plan
 from .prior import class_images as make_class_images
+from .subjects import Subject, as_subjects, class_groups
 from .trainer import StepCallback, Trainer, seeded_global_rng
 
 if TYPE_CHECKING:
@@ -36,8 +38,8 @@ ImagesInput = str | os.PathLike | Sequence[Any]
 
 def personalize(
     pipe: DiffusionPipeline,
-    images: ImagesInput,
-    class_noun: str,
+    images: ImagesInput | Subject | Sequence[Subject],
+    class_noun: str | None = None,
     *,
     class_images: ImagesInput | None = None,
     strategy: str = "lora",
@@ -53,15 +55,17 @@ def personalize(
     Args:
         pipe (`DiffusionPipeline`): a text-to-image pipeline of a supported family (SD 1.x/2.x, SDXL),
             on the device to train on, in the dtype to train in.
-        images (`str | PathLike | list`): a folder, image paths, or PIL images of the subject (3-5).
-        class_noun (`str`): the subject's coarse class, e.g. "dog".
+        images (`str | PathLike | list | Subject | list[Subject]`): a folder, image paths, or PIL images of
+            the subject (3-5); or several `Subject(images, class_noun)`s, trained into one adapter with one
+            identifier each (then leave `class_noun` and `class_images` out: each Subject has its own).
+        class_noun (`str | None`): the subject's coarse class, e.g. "dog".
         class_images (`str | PathLike | list | None`): your own class images; topped up by generation.
-        strategy (`str`): a registered strategy: "lora" (default) or "full".
+        strategy (`str`): a registered strategy: "lora" (default), "dora", "loha", "lokr", "oft" or "full".
         callback (`Callable[[int, dict], None] | None`): called after every step with the losses.
         **settings: the training settings below, and the strategy's options.
 
     Returns:
-        The `Adapter`: `.identifier`, `.instance_prompt`, `.save(path)`.
+        The `Adapter`: `.identifier`, `.instance_prompt`, `.subjects` (one per subject), `.save(path)`.
 
     Example:
         >>> from db_adapters import personalize
@@ -75,33 +79,67 @@ def personalize(
         True
     """
     refuse_if_adapted(pipe)
-    plan = make_plan(pipe, images, class_noun, class_images=class_images, strategy=strategy, settings=dict(settings))
+    subjects = as_subjects(images, class_noun, class_images, settings)
+    plan = make_plan(pipe, subjects, strategy=strategy, settings=dict(settings))
     # Checked before class images are generated: a refused resume should cost nothing.
     checkpoints, resume_from = _run_checkpoints(plan)
     prior = _prior_images(pipe, plan)
+    tokens = _new_tokens(pipe, plan)
+    try:
+        adapter = _personalize(pipe, plan, prior, tokens, callback, checkpoints, resume_from)
+    except BaseException:
+        if tokens is not None:
+            tokens.remove(pipe)
+        raise
+    if tokens is not None:
+        tokens.finish(pipe)  # the trained rows become the pipeline's own new tokens
+    attach(pipe, adapter)
+    return adapter
+
+
+def _new_tokens(pipe: DiffusionPipeline, plan: RunPlan) -> TokenEmbeddings | None:
+    """With pivotal tuning, the run's new tokens, added to the pipeline (before prompts are tokenized)."""
+    if not plan.new_tokens:
+        return None
+    tokens = TokenEmbeddings(plan.new_tokens)
+    tokens.add(pipe, plan.family, seed=plan.config.seed)
+    return tokens
+
+
+def _personalize(
+    pipe: DiffusionPipeline,
+    plan: RunPlan,
+    prior: dict[str, list[Image.Image]],
+    tokens: TokenEmbeddings | None,
+    callback: StepCallback | None,
+    checkpoints: RunCheckpoints | None,
+    resume_from: tuple | None,
+) -> Adapter:
     data = training_set(pipe, plan, prior)
+    first = plan.subjects[0]
     adapter = Adapter(
-        identifier=plan.identifier,
-        class_noun=plan.class_noun,
-        instance_prompt=plan.instance_prompt,
+        identifier=first.identifier,
+        class_noun=first.class_noun,
+        instance_prompt=first.instance_prompt,
         strategy=plan.strategy,
         base_model=plan.base_model,
         resolution=plan.config.resolution,
         steps=plan.config.steps,
+        subjects=[subject.binding() for subject in plan.subjects],
+        tokens=plan.new_tokens,
         extra={
-            "class_prompt": plan.class_prompt,
+            "class_prompt": first.class_prompt,
             "prior_preservation": plan.config.prior_preservation,
             "learning_rate": plan.config.learning_rate,  # kohya files show it (ss_learning_rate)
         },
     )
     unquantized = _quantize_base(pipe, plan)
     try:
-        adapter.history = _train(pipe, plan, data, callback, checkpoints, resume_from)
+        adapter.history = _train(pipe, plan, data, callback, checkpoints, resume_from, tokens)
     except BaseException:
         if unquantized is not None:  # the pipeline as it came, with its full-precision denoiser
             setattr(pipe, plan.family.denoiser, unquantized.to(plan.device))
         raise
-    attach(pipe, adapter)
     return adapter
 
 
@@ -123,17 +161,19 @@ def _run_checkpoints(plan: RunPlan) -> tuple[RunCheckpoints | None, tuple | None
         return None, None
     from .checkpoint import FOLDER_NAME, RunCheckpoints, images_digest, run_fingerprint
 
+    one = len(plan.subjects) == 1
     fingerprint = run_fingerprint(
         config,
-        images=images_digest(plan.subject),
-        class_images=images_digest(plan.class_images) if plan.class_images else None,
+        # A one-subject run keeps the fingerprint it always had, so its checkpoints still resume.
+        images=images_digest(plan.subjects[0].images) if one else [images_digest(s.images) for s in plan.subjects],
+        class_images=_given_class_images_digest(plan),
         strategy=plan.strategy.name,
         strategy_options=plan.strategy.config(),
         # The weights decide the result, not where the model was loaded from.
         base_model={k: plan.base_model[k] for k in ("architecture", "weights")},
-        identifier=plan.identifier,
-        instance_prompt=plan.instance_prompt,
-        class_prompt=plan.class_prompt,
+        identifier=plan.subjects[0].identifier if one else plan.identifiers,
+        instance_prompt=plan.subjects[0].instance_prompt if one else [s.instance_prompt for s in plan.subjects],
+        class_prompt=plan.subjects[0].class_prompt if one else [s.class_prompt for s in plan.subjects],
         # The resolved rate of the text encoders matters only when they train.
         text_encoder_learning_rate=config.text_encoder_learning_rate if config.train_text_encoder else None,
     )
@@ -146,6 +186,15 @@ def _run_checkpoints(plan: RunPlan) -> tuple[RunCheckpoints | None, tuple | None
     return checkpoints, None
 
 
+def _given_class_images_digest(plan: RunPlan) -> Any:
+    from .checkpoint import images_digest
+
+    if len(plan.subjects) == 1:
+        given = plan.subjects[0].class_images
+        return images_digest(given) if given else None
+    return [images_digest(s.class_images) if s.class_images else None for s in plan.subjects]
+
+
 def default_cache_dir() -> Path:
     """Where class images are cached when neither `class_image_dir` nor `output_dir` is given."""
     root = os.environ.get("DB_ADAPTERS_CACHE") or os.path.join(
@@ -154,27 +203,31 @@ def default_cache_dir() -> Path:
     return Path(root) / "class_images"
 
 
-def _prior_images(pipe: DiffusionPipeline, plan: RunPlan) -> list[Image.Image]:
+def _prior_images(pipe: DiffusionPipeline, plan: RunPlan) -> dict[str, list[Image.Image]]:
+    """The class images of each class prompt of the run (the given ones, topped up by generation)."""
     config = plan.config
     if not config.prior_preservation:
-        return []
+        return {}
     cache = config.class_image_dir or (
         config.output_dir / "class_images" if config.output_dir is not None else default_cache_dir()
     )
-    return make_class_images(
-        pipe,
-        plan.class_prompt,
-        config.num_class_images,
-        config.resolution,
-        seed=config.seed,
-        cache_dir=cache,
-        base_fingerprint=plan.base_model["weights"],
-        sampler=config.class_sampler,
-        num_inference_steps=config.class_inference_steps,
-        guidance_scale=config.class_guidance_scale,
-        batch_size=config.class_batch_size,
-        given=plan.class_images,
-    )
+    return {
+        prompt: make_class_images(
+            pipe,
+            prompt,
+            config.num_class_images,
+            config.resolution,
+            seed=config.seed,
+            cache_dir=cache,
+            base_fingerprint=plan.base_model["weights"],
+            sampler=config.class_sampler,
+            num_inference_steps=config.class_inference_steps,
+            guidance_scale=config.class_guidance_scale,
+            batch_size=config.class_batch_size,
+            given=given,
+        )
+        for prompt, given in class_groups(plan.subjects).items()
+    }
 
 
 def _train(
@@ -184,6 +237,7 @@ def _train(
     callback: StepCallback | None,
     checkpoints: RunCheckpoints | None = None,
     resume_from: tuple | None = None,
+    tokens: TokenEmbeddings | None = None,
 ) -> list[dict[str, float]]:
     strategy = plan.strategy
     flags = _requires_grad_flags(pipe, plan)
@@ -200,6 +254,7 @@ def _train(
             validation=_previewer(pipe, plan, frozen),
             checkpoints=checkpoints,
             resume_from=resume_from,
+            extra_parameters=tokens.trainable_parameters() if tokens is not None else None,
         )
         if plan.config.offload_frozen:  # everything they had to compute is cached in `data`
             frozen.offload()
@@ -232,7 +287,7 @@ def _previewer(pipe: DiffusionPipeline, plan: RunPlan, frozen: FrozenParts):
         return None
     from .prior import generate_images
 
-    prompts = [p.replace("{id}", plan.identifier) for p in config.validation_prompts]
+    prompts = [_with_identifiers(p, plan.identifiers) for p in config.validation_prompts]
 
     def render(step: int) -> None:
         import torch
@@ -263,6 +318,13 @@ def _previewer(pipe: DiffusionPipeline, plan: RunPlan, frozen: FrozenParts):
                 module.train(training)
 
     return render
+
+
+def _with_identifiers(prompt: str, identifiers: list[str]) -> str:
+    """A preview prompt with "{id}" (the first subject's identifier) and "{id2}", "{id3}"... filled in."""
+    for number in range(len(identifiers), 1, -1):
+        prompt = prompt.replace(f"{{id{number}}}", identifiers[number - 1])
+    return prompt.replace("{id}", identifiers[0])
 
 
 def _document_settings() -> None:

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 from .errors import InputError
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Collection, Sequence
 
     from transformers import PreTrainedTokenizerBase
 
@@ -334,7 +334,7 @@ def _as_list(tokenizer: Tokenizers) -> list[PreTrainedTokenizerBase]:
     return list(tokenizer) if isinstance(tokenizer, list | tuple) else [tokenizer]
 
 
-def choose_identifier(tokenizer: Tokenizers, class_noun: str, seed: int = 0) -> str:
+def choose_identifier(tokenizer: Tokenizers, class_noun: str, seed: int = 0, exclude: Collection[str] = ()) -> str:
     """Sample a rare-token identifier `[V]` for "a [V] [class noun]", reproducibly.
 
     Args:
@@ -342,6 +342,7 @@ def choose_identifier(tokenizer: Tokenizers, class_noun: str, seed: int = 0) -> 
             tokenizer, or all of them (the identifier is then one rare token in each).
         class_noun (`str`): the subject's class, e.g. "dog".
         seed (`int`): the same seed, tokenizers and class noun always give the same identifier.
+        exclude (`Collection[str]`): identifiers already taken (by the other subjects of a run).
 
     Returns:
         `str`: one of `identifier_candidates(tokenizer, class_noun)`.
@@ -355,7 +356,7 @@ def choose_identifier(tokenizer: Tokenizers, class_noun: str, seed: int = 0) -> 
         >>> choose_identifier(tiny_tokenizer(), "dog", seed=0)
         'ki'
     """
-    candidates = identifier_candidates(tokenizer, class_noun)
+    candidates = [c for c in identifier_candidates(tokenizer, class_noun) if c not in exclude]
     if not candidates:
         bands = ", ".join(
             f"ids {r.start}-{r.stop - 1} of a {one.vocab_size}-token vocabulary"

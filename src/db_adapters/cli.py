@@ -216,8 +216,15 @@ def _base_type(spec: Any) -> str:
 
 @main.command()
 @click.option("--model", default=None, help="Local diffusers folder or hub id (default: the shipped toy base model).")
-@click.option("--images", required=True, help="Folder of 3-5 photos of the subject.")
-@click.option("--class-noun", required=True, help='The subject\'s class, e.g. "dog".')
+@click.option("--images", default=None, help="Folder of 3-5 photos of the subject.")
+@click.option("--class-noun", default=None, help='The subject\'s class, e.g. "dog".')
+@click.option(
+    "--subject",
+    "subjects",
+    multiple=True,
+    metavar="FOLDER:NOUN[:IDENTIFIER]",
+    help="One subject of several trained into one adapter (repeat it; instead of --images/--class-noun).",
+)
 @click.option("--output", required=True, type=click.Path(dir_okay=False), help="Adapter file (.safetensors).")
 @click.option("--strategy", default="lora", show_default=True, help="Registered strategy: lora, full, ...")
 @click.option("--class-images", default=None, help="Folder of your own class images (topped up if too few).")
@@ -228,8 +235,9 @@ def _base_type(spec: Any) -> str:
 @friendly_errors
 def train(
     model: str,
-    images: str,
-    class_noun: str,
+    images: str | None,
+    class_noun: str | None,
+    subjects: tuple[str, ...],
     output: str,
     class_images: str | None,
     device: str | None,
@@ -246,18 +254,39 @@ def train(
 
     output_path = check_output_path(output)
     # Cheap checks first: a typo in --images should not wait for a multi-GB model to load.
-    subject = load_images(images, name="--images")
-    class_noun = validate_class_noun(class_noun)
     given = load_images(class_images, name="--class-images") if class_images is not None else None
+    if subjects:
+        if images is not None or class_noun is not None or given is not None:
+            raise InputError("--subject replaces --images, --class-noun and --class-images; give one or the other.")
+        inputs: dict[str, Any] = {"images": [_subject_option(text) for text in subjects]}
+    elif images is None or class_noun is None:
+        raise InputError("give --images and --class-noun (one subject), or --subject FOLDER:NOUN once per subject.")
+    else:
+        inputs = {"images": load_images(images, name="--images"), "class_noun": validate_class_noun(class_noun)}
     # Options left out are left to `personalize`, which resolves every default once.
     settings = {key: value for key, value in settings.items() if value not in (None, ())}
     pipe = load_pipeline(model, device, dtype) if model else load_toy_base(device, dtype=dtype)
-    adapter = personalize(pipe, subject, class_noun, class_images=given, **settings)
+    adapter = personalize(pipe, **inputs, class_images=given, **settings)
     adapter.save(output_path, dtype=save_dtype)
     if not processes(pipe.device).is_main:
         return  # under torchrun / accelerate launch the main process wrote the file and reports it
     click.echo(f"saved {output_path} ({output_path.stat().st_size / 1e6:.2f} MB)")
-    click.echo(f'identifier: {adapter.identifier}   try: --prompt "a {{id}} {adapter.class_noun} on the beach"')
+    for subject in adapter.subjects:
+        click.echo(f'identifier: {subject["identifier"]}   try: --prompt "{subject["instance_prompt"]} on the beach"')
+
+
+def _subject_option(text: str) -> Any:
+    """One `--subject FOLDER:NOUN[:IDENTIFIER]` as a `Subject`, its photos loaded (so a typo fails at once)."""
+    from .binder import validate_class_noun
+    from .data import load_images
+    from .subjects import Subject
+
+    parts = text.rsplit(":", 2) if text.count(":") >= 2 else text.rsplit(":", 1)
+    if len(parts) < 2 or not all(part.strip() for part in parts):
+        raise InputError(f"--subject {text!r}: write FOLDER:NOUN or FOLDER:NOUN:IDENTIFIER, e.g. photos/rex:dog.")
+    folder, noun, *identifier = parts
+    images = load_images(folder, name=f"--subject {text!r}")
+    return Subject(images, validate_class_noun(noun), identifier=identifier[0] if identifier else None)
 
 
 @main.command()

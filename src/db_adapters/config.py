@@ -22,6 +22,8 @@ from .errors import InputError
 DEFAULT_STEPS = 800
 DEFAULT_NUM_CLASS_IMAGES = 200
 DEFAULT_CLASS_INFERENCE_STEPS = 25
+# Pivotal tuning's new embeddings: textual inversion's usual AdamW rate (diffusers' textual-inversion docs use 5e-4).
+DEFAULT_TOKEN_LEARNING_RATE = 5e-4
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 CLASS_SAMPLERS = ("dpmsolver++", "ddim", "euler", "ddpm", "pipeline")
@@ -82,6 +84,14 @@ class TrainConfig:
     num_class_images: int | None = setting(None, "Class images for the prior; None: 200, or the recommendation.")
     prior_loss_weight: float = setting(1.0, "Lambda, the prior term's weight (the paper: 1.0).")
     train_text_encoder: bool = setting(False, "Train the text encoder(s) too (all of the family's encoders).")
+    pivotal_tokens: int = setting(
+        0,
+        "Pivotal tuning: bind each subject to this many new tokens (<s0><s1>...) whose embeddings train with "
+        "the adapter, as diffusers' advanced script's --train_text_encoder_ti (2 is usual); 0: a rare word.",
+    )
+    token_learning_rate: float | None = setting(
+        None, f"Learning rate of the new tokens' embeddings (pivotal_tokens); None: {DEFAULT_TOKEN_LEARNING_RATE}."
+    )
     resolution: int | None = setting(None, "Training size in pixels, a multiple of 8; None: the model's native size.")
     random_flip: bool = setting(False, "Also train on left-right mirrored subject images.")
     snr_gamma: float | None = setting(
@@ -131,7 +141,9 @@ class TrainConfig:
     lr_warmup_steps: int = setting(0, "Warmup steps of the learning-rate schedule.")
     max_grad_norm: float = setting(1.0, "Gradient clipping norm.")
     validation_prompts: tuple[str, ...] | None = setting(
-        None, 'Preview prompts rendered during training; "{id}" becomes the identifier.', flag="--validation-prompt"
+        None,
+        'Preview prompts rendered during training; "{id}" becomes the identifier ("{id2}": the second subject\'s).',
+        flag="--validation-prompt",
     )
     validation_every: int | None = setting(None, "Render previews every N steps into output_dir/previews.")
     validation_steps: int = setting(25, "Sampler steps of each preview.")
@@ -166,7 +178,9 @@ class TrainConfig:
         for name in ("steps", "num_class_images", "class_inference_steps"):
             if getattr(self, name) is not None:
                 self._check_positive_int(name, getattr(self, name))
-        for name in ("learning_rate", "text_encoder_learning_rate"):
+        if not isinstance(self.pivotal_tokens, int) or isinstance(self.pivotal_tokens, bool) or self.pivotal_tokens < 0:
+            raise InputError(f"pivotal_tokens={self.pivotal_tokens!r} must be an integer >= 0 (2 is usual; 0: off).")
+        for name in ("learning_rate", "text_encoder_learning_rate", "token_learning_rate"):
             value = getattr(self, name)
             if value is not None and not (_is_number(value) and value > 0 and math.isfinite(value)):
                 raise InputError(f"{name}={value!r} must be a positive number, e.g. 1e-4 for LoRA.")

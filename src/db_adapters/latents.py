@@ -42,17 +42,22 @@ class LatentBank:
 
 @dataclass
 class TrainingHalf:
-    """One half of every batch (the subject's images, or the class images) and its prompt.
+    """One half of every batch (the subjects' images, or the class images) and its prompts.
+
+    A run with one subject has one prompt per half; with several, each image has its subject's (or
+    its class's) prompt, `prompts[prompt_index[i]]`.
 
     Attributes:
         latents: the encoded images.
-        prompt_ids: the prompt's token ids per text encoder, each (1, L).
+        prompt_ids: the prompts' token ids per text encoder, each (P, L).
+        prompt_index: which prompt each image has, (N,) int64.
         image_conditioning: per-image conditioning, each tensor (N, ...) (SDXL's time ids; else empty).
-        prompt_embeds: the prompt's conditioning (batch 1), when the text encoders are frozen.
+        prompt_embeds: the prompts' conditioning (batch P), when the text encoders are frozen.
     """
 
     latents: LatentBank
     prompt_ids: dict[str, torch.Tensor]
+    prompt_index: torch.Tensor
     image_conditioning: Conditioning = field(default_factory=dict)
     prompt_embeds: Conditioning | None = None
 
@@ -111,29 +116,27 @@ def encode_images(vae: Any, pixels: torch.Tensor, batch_size: int = 8) -> Latent
     return LatentBank(torch.cat(means), torch.cat(stds), float(vae.config.scaling_factor), float(shift))
 
 
-def training_set(pipe: Any, plan: RunPlan, prior: list[Image.Image]) -> TrainingSet:
-    """Encode the subject's images (both orientations with `random_flip`) and the class images once.
+def training_set(pipe: Any, plan: RunPlan, prior: dict[str, list[Image.Image]]) -> TrainingSet:
+    """Encode the subjects' images (both orientations with `random_flip`) and the class images once.
 
     Args:
         pipe (`DiffusionPipeline`): the frozen base pipeline.
         plan (`RunPlan`): the run's resolved settings and inputs.
-        prior (`list[PIL.Image]`): the class images; empty without prior preservation.
+        prior (`dict[str, list[PIL.Image]]`): the class images per class prompt; empty without prior preservation.
 
     Example:
-        >>> data = training_set(pipe, plan, prior=[])  # doctest: +SKIP
+        >>> data = training_set(pipe, plan, prior={})  # doctest: +SKIP
     """
     config = plan.config
-    subject = list(plan.subject)
-    if config.random_flip:
-        subject = subject + subject
-    flips = [False] * len(plan.subject) + [True] * (len(subject) - len(plan.subject))
-    data = TrainingSet(
-        instance=_half(pipe, plan, subject, plan.instance_prompt, flips),
-        shared=plan.family.run_conditioning(pipe, config),
-    )
-    if prior:
-        data.prior = _half(pipe, plan, prior, plan.class_prompt, [False] * len(prior))
-    if config.train_text_encoder:
+    groups = []
+    for subject in plan.subjects:
+        groups.append((subject.instance_prompt, list(subject.images), False))
+        if config.random_flip:
+            groups.append((subject.instance_prompt, list(subject.images), True))
+    data = TrainingSet(instance=_half(pipe, plan, groups), shared=plan.family.run_conditioning(pipe, config))
+    if any(prior.values()):
+        data.prior = _half(pipe, plan, [(prompt, images, False) for prompt, images in prior.items() if images])
+    if plan.prompts_encoded_each_step:
         _remember_frozen_encoders(pipe, plan, data)
     return data
 
@@ -152,18 +155,24 @@ def _remember_frozen_encoders(pipe: Any, plan: RunPlan, data: TrainingSet) -> No
                 plan.family.encode_prompt(pipe, half.prompt_ids, data.frozen_encoders)
 
 
-def _half(pipe: Any, plan: RunPlan, images: list[Image.Image], prompt: str, flips: list[bool]) -> TrainingHalf:
+def _half(pipe: Any, plan: RunPlan, groups: list[tuple[str, list[Image.Image], bool]]) -> TrainingHalf:
+    """One half from (prompt, images, mirrored) groups; groups with the same prompt share its embedding."""
     import torch
 
     family, resolution = plan.family, plan.config.resolution
-    pixels = torch.cat([image_batch([image], resolution, flip=flip) for image, flip in zip(images, flips, strict=True)])
+    prompts = list(dict.fromkeys(prompt for prompt, _, _ in groups))
+    images = [image for _, group, _ in groups for image in group]
+    pixels = torch.cat([image_batch([image], resolution, flip=flip) for _, group, flip in groups for image in group])
+    index = [prompts.index(prompt) for prompt, group, _ in groups for _ in group]
+    ids = [family.prompt_ids(pipe, prompt) for prompt in prompts]
     geometries = [crop_geometry(image, resolution) for image in images]
     half = TrainingHalf(
         latents=encode_images(pipe.vae, pixels),
-        prompt_ids=family.prompt_ids(pipe, prompt),
+        prompt_ids={name: torch.cat([one[name] for one in ids]) for name in ids[0]},
+        prompt_index=torch.tensor(index, dtype=torch.long),
         image_conditioning=family.image_conditioning(geometries, resolution),
     )
-    if not plan.config.train_text_encoder:
+    if not plan.prompts_encoded_each_step:
         with torch.no_grad():
             embeds = family.encode_prompt(pipe, half.prompt_ids)
         half.prompt_embeds = {key: value.float() for key, value in embeds.items()}

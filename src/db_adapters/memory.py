@@ -39,7 +39,7 @@ class FrozenParts:
     @classmethod
     def of(cls, pipe: Any, plan: RunPlan) -> FrozenParts:
         """The parts a run leaves frozen: the VAE and every text encoder the strategy does not train."""
-        trained = set(plan.family.components(plan.config.train_text_encoder))
+        trained = set(plan.family.components(plan.prompts_encoded_each_step))
         return cls(pipe, ["vae", *(name for name in plan.family.text_encoders if name not in trained)])
 
     def offload(self) -> None:

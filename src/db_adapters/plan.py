@@ -14,18 +14,25 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import binder
-from .config import DEFAULT_CLASS_INFERENCE_STEPS, DEFAULT_NUM_CLASS_IMAGES, DEFAULT_STEPS, TrainConfig
+from .config import (
+    DEFAULT_CLASS_INFERENCE_STEPS,
+    DEFAULT_NUM_CLASS_IMAGES,
+    DEFAULT_STEPS,
+    DEFAULT_TOKEN_LEARNING_RATE,
+    TrainConfig,
+)
 from .data import check_image_sizes, load_images
 from .errors import InputError
 from .families import Family, family_of
 from .memory import offload_wanted
 from .pipelines import architecture_fingerprint, model_id, recommended_settings, weights_fingerprint
+from .pivotal import new_tokens
 from .quantize import check_quantization
 from .strategies import Strategy, get_strategy
+from .subjects import PlannedSubject, Subject
 
 if TYPE_CHECKING:
     import torch
-    from PIL import Image
 
 logger = logging.getLogger("db_adapters")
 
@@ -42,9 +49,7 @@ class RunPlan:
         strategy: the strategy instance (options validated).
         config: the settings, with steps, learning rates, class-image count and steps, guidance,
             resolution and mixed precision filled in.
-        subject: the subject's images, loaded.
-        class_images: the user's own class images, loaded (empty if none were given).
-        class_noun, identifier, instance_prompt, class_prompt: the prompts' parts.
+        subjects: each subject's images (loaded), class noun, identifier, prompts and given class images.
         base_model: the base model's id and fingerprints (stored in the adapter file).
         device: where the pipeline is, so where training runs.
     """
@@ -52,51 +57,53 @@ class RunPlan:
     family: type[Family]
     strategy: Strategy
     config: TrainConfig
-    subject: list[Image.Image]
-    class_images: list[Image.Image]
-    class_noun: str
-    identifier: str
-    instance_prompt: str
-    class_prompt: str
+    subjects: tuple[PlannedSubject, ...]
     base_model: dict[str, str]
     device: torch.device
+
+    @property
+    def identifiers(self) -> list[str]:
+        """Every subject's identifier, in the order the subjects were given."""
+        return [subject.identifier for subject in self.subjects]
+
+    @property
+    def new_tokens(self) -> list[str]:
+        """Pivotal tuning's new tokens, every subject's in order; empty without pivotal tuning."""
+        count = self.config.pivotal_tokens
+        return new_tokens(count * len(self.subjects)) if count else []
+
+    @property
+    def prompts_encoded_each_step(self) -> bool:
+        """Whether the text encoders run every step (something in them trains), or once before training."""
+        return self.config.train_text_encoder or bool(self.config.pivotal_tokens)
 
 
 def make_plan(
     pipe: Any,
-    images: Any,
-    class_noun: str,
+    subjects: list[Subject],
     *,
-    class_images: Any = None,
     strategy: str = "lora",
     settings: dict[str, Any],
 ) -> RunPlan:
     """Check every input and resolve every default of a `personalize` call (see its docstring for the args)."""
     family = family_of(pipe)
-    class_noun = binder.validate_class_noun(class_noun)
     config_settings = {k: settings.pop(k) for k in list(settings) if k in TrainConfig.field_names()}
     chosen = get_strategy(strategy)(**settings)  # the rest are the strategy's options; it rejects others
     config = TrainConfig(**config_settings)
     config = _resolve_defaults(pipe, family, chosen, config)
-    subject = load_images(images, name="images")
-    check_image_sizes(subject, config.resolution, name="images")
-    given = load_images(class_images, name="class_images") if class_images is not None else []
-    identifier = _identifier(pipe, family, config, class_noun)
-    instance_prompt = config.instance_prompt or binder.instance_prompt(identifier, class_noun)
-    if identifier not in instance_prompt.split():
-        logger.warning("instance_prompt %r does not contain the identifier %r.", instance_prompt, identifier)
+    if config.pivotal_tokens and chosen.name == "full" and config.train_text_encoder:
+        raise InputError(
+            "pivotal_tokens with strategy='full' and train_text_encoder=True: the full fine-tune trains the whole "
+            "embedding table already. Leave out train_text_encoder (the new tokens still train), or pivotal_tokens."
+        )
+    planned = _plan_subjects(pipe, family, config, subjects)
     denoiser = getattr(pipe, family.denoiser)
     check_quantization(config.quantize_base, denoiser, chosen, denoiser.device)
     return RunPlan(
         family=family,
         strategy=chosen,
         config=config,
-        subject=subject,
-        class_images=given,
-        class_noun=class_noun,
-        identifier=identifier,
-        instance_prompt=instance_prompt,
-        class_prompt=config.class_prompt or binder.class_prompt(class_noun),
+        subjects=tuple(planned),
         base_model={
             "model_id": model_id(pipe),
             "family": family.name,
@@ -105,6 +112,28 @@ def make_plan(
         },
         device=denoiser.device,
     )
+
+
+def _plan_subjects(
+    pipe: Any, family: type[Family], config: TrainConfig, subjects: list[Subject]
+) -> list[PlannedSubject]:
+    several = len(subjects) > 1
+    planned: list[PlannedSubject] = []
+    for number, subject in enumerate(subjects):
+        # Errors name the subject's place in the list when there are several.
+        where = f"subjects[{number}]." if several else ""
+        class_noun = binder.validate_class_noun(subject.class_noun)
+        images = load_images(subject.images, name=f"{where}images")
+        check_image_sizes(images, config.resolution, name=f"{where}images")
+        given = [] if subject.class_images is None else load_images(subject.class_images, name=f"{where}class_images")
+        taken = [s.identifier for s in planned] + [s.identifier.strip() for s in subjects if s.identifier]
+        identifier = _identifier(pipe, family, config, class_noun, subject.identifier, number, taken)
+        instance_prompt = subject.instance_prompt or binder.instance_prompt(identifier, class_noun)
+        if identifier not in instance_prompt.split():
+            logger.warning("instance_prompt %r does not contain the identifier %r.", instance_prompt, identifier)
+        class_prompt = (config.class_prompt if not several else None) or binder.class_prompt(class_noun)
+        planned.append(PlannedSubject(images, class_noun, identifier, instance_prompt, class_prompt, given))
+    return planned
 
 
 def _resolve_defaults(pipe: Any, family: type[Family], strategy: Strategy, config: TrainConfig) -> TrainConfig:
@@ -121,6 +150,7 @@ def _resolve_defaults(pipe: Any, family: type[Family], strategy: Strategy, confi
         steps=pick("steps", DEFAULT_STEPS),
         learning_rate=learning_rate,
         text_encoder_learning_rate=config.text_encoder_learning_rate or learning_rate,
+        token_learning_rate=config.token_learning_rate or DEFAULT_TOKEN_LEARNING_RATE,
         num_class_images=pick("num_class_images", DEFAULT_NUM_CLASS_IMAGES),
         class_inference_steps=pick("class_inference_steps", DEFAULT_CLASS_INFERENCE_STEPS),
         class_guidance_scale=_class_guidance(pipe, config.class_guidance_scale),
@@ -184,8 +214,24 @@ def _class_guidance(pipe: Any, requested: float | None) -> float:
     return float(default) if isinstance(default, int | float) else 7.5
 
 
-def _identifier(pipe: Any, family: type[Family], config: TrainConfig, class_noun: str) -> str:
+def _identifier(
+    pipe: Any,
+    family: type[Family],
+    config: TrainConfig,
+    class_noun: str,
+    given: str | None,
+    number: int,
+    taken: list[str],
+) -> str:
+    if config.pivotal_tokens:
+        if given is not None:
+            raise InputError(
+                f"identifier={given!r} and pivotal_tokens={config.pivotal_tokens}: pivotal tuning binds the subject "
+                "to new tokens, not to a word; leave the identifier out (or set pivotal_tokens=0)."
+            )
+        return "".join(new_tokens(config.pivotal_tokens, first=number * config.pivotal_tokens))
     tokenizers = family.tokenizer_list(pipe)
-    if config.identifier is None:
-        return binder.choose_identifier(tokenizers, class_noun, seed=config.seed)
-    return binder.validate_identifier(tokenizers, config.identifier, class_noun, strict=config.strict)
+    if given is None:
+        # The first subject's choice is the one-subject run's (seed alone); later subjects skip taken ones.
+        return binder.choose_identifier(tokenizers, class_noun, seed=config.seed + number, exclude=taken)
+    return binder.validate_identifier(tokenizers, given, class_noun, strict=config.strict)

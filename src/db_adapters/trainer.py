@@ -216,6 +216,7 @@ class Trainer:
         validation: Callable[[int], None] | None = None,
         checkpoints: RunCheckpoints | None = None,
         resume_from: tuple[Path, dict[str, torch.Tensor], dict[str, Any]] | None = None,
+        extra_parameters: dict[str, list[torch.nn.Parameter]] | None = None,
     ) -> None:
         self.pipe, self.plan, self.data, self.config = pipe, plan, data, plan.config
         self.family, self.strategy = plan.family, plan.strategy
@@ -224,6 +225,9 @@ class Trainer:
         self.device = plan.device
         self.lrs = {name: self.config.text_encoder_learning_rate for name in self.family.text_encoders}
         self.lrs[self.family.denoiser] = self.config.learning_rate
+        # Parameters outside the strategy's, by group name: pivotal tuning's new token rows.
+        self.extra_parameters = extra_parameters or {}
+        self.lrs["token_embeddings"] = self.config.token_learning_rate
         self.callback, self.validation = callback, validation
         self.checkpoints, self.resume_from = checkpoints, resume_from
         self.last_checkpoint: Path | None = resume_from[0] if resume_from else None
@@ -233,7 +237,7 @@ class Trainer:
 
     def run(self) -> list[dict[str, float]]:
         config = self.config
-        self._params = self.strategy.trainable_parameters(self.pipe)
+        self._params = {**self.strategy.trainable_parameters(self.pipe), **self.extra_parameters}
         for group in self._params.values():
             for param in group:
                 param.requires_grad_(True)
@@ -276,7 +280,7 @@ class Trainer:
         from diffusers.optimization import get_scheduler
 
         config = self.config
-        groups = [{"params": self._params[c], "lr": self.lrs[c]} for c in components]
+        groups = [{"params": self._params[c], "lr": self.lrs[c]} for c in [*components, *self.extra_parameters]]
         optimizer = make_optimizer(groups, config)
         lr_scheduler = get_scheduler(
             config.lr_scheduler,
@@ -439,10 +443,11 @@ class Trainer:
         if self.config.noise_offset:
             noise = noise + self.config.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=gen)
         timesteps = self.objective.sample_timesteps(batch, gen)
-        prompt = half.prompt_embeds
-        if prompt is None:  # the text encoders train: encode the prompt through them, every step
-            prompt = self.family.encode_prompt(self.pipe, half.prompt_ids, self._models | self.data.frozen_encoders)
-        conditioning = {key: value.expand(batch, *value.shape[1:]) for key, value in prompt.items()}
+        prompts = half.prompt_embeds
+        if prompts is None:  # the text encoders train: encode the prompts through them, every step
+            prompts = self.family.encode_prompt(self.pipe, half.prompt_ids, self._models | self.data.frozen_encoders)
+        chosen = half.prompt_index[indices].to(next(iter(prompts.values())).device)  # each item's own prompt
+        conditioning = {key: value[chosen] for key, value in prompts.items()}
         conditioning |= {key: value[indices] for key, value in half.image_conditioning.items()}
         conditioning |= {key: value.expand(batch, *value.shape[1:]) for key, value in self.data.shared.items()}
         return HalfBatch(

@@ -72,10 +72,10 @@ class StableDiffusion3(Family):
         clip = torch.cat(hidden, dim=-1)
         t5 = cls.encoder(pipe, "text_encoder_3", encoders)
         if t5 is not None:
-            sequence = t5(ids["text_encoder_3"].to(t5.device))[0]  # (1, 256, D_t5)
+            sequence = t5(ids["text_encoder_3"].to(t5.device))[0]  # (P, 256, D_t5)
         else:  # as the pipeline does without T5: zeros of the transformer's joint width
             width = pipe.transformer.config.joint_attention_dim
-            sequence = torch.zeros(1, T5_MAX_LENGTH, width, dtype=clip.dtype, device=clip.device)
+            sequence = torch.zeros(clip.shape[0], T5_MAX_LENGTH, width, dtype=clip.dtype, device=clip.device)
         clip = torch.nn.functional.pad(clip, (0, sequence.shape[-1] - clip.shape[-1]))
         return {
             "encoder_hidden_states": torch.cat([clip, sequence.to(clip.dtype)], dim=-2),
