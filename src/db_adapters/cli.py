@@ -177,7 +177,7 @@ def _settings_options(command: Callable[..., Any]) -> Callable[..., Any]:
     seen = {spec.name for spec in specs}
     for name in available_strategies():
         for spec in fields(get_strategy(name).Options):
-            if spec.name not in seen:  # an option several strategies share (rank) is offered once
+            if spec.name not in seen and spec.metadata.get("cli", True):  # a shared option (rank) is offered once
                 seen.add(spec.name)
                 specs.append(spec)
     for spec in reversed(specs):
