@@ -344,7 +344,7 @@ def test_each_settings_help_is_written_once_and_shown_in_both_places():
 
     cli_help = " ".join(CliRunner().invoke(main, ["train", "--help"], terminal_width=400).output.split())
     doc = " ".join((personalize.__doc__ or "").split())
-    specs = [s for s in fields(TrainConfig) if s.metadata["cli"]] + list(fields(get_strategy("lora").Options))
+    specs = [s for s in (*fields(TrainConfig), *fields(get_strategy("lora").Options)) if s.metadata["cli"]]
     for spec in specs:
         text = " ".join(spec.metadata["help"].split())
         assert text in doc, spec.name

@@ -120,7 +120,7 @@ class Adapter:
         if self.pipe is None or attached_adapter(self.pipe) is not self:
             raise AdapterError("this adapter is no longer attached to its pipeline (it was unloaded); cannot save.")
         check_convertible(self.strategy.name, self.base_model.get("family"), format)
-        dtype = _as_dtype(dtype)
+        dtype = as_dtype(dtype)
         from .distributed import processes
 
         if not processes(self.pipe.device).is_main:
@@ -267,7 +267,7 @@ def load_adapter(pipe: DiffusionPipeline, path: str | os.PathLike) -> Adapter:
             f"file. Load this one with {loader}, or load the file it was exported from."
         )
     refuse_if_adapted(pipe)
-    _check_base_model(pipe, family, info, path)
+    check_base_model(pipe, family, info, path)
     strategy = _strategy_of(info, path)
     tokens, rows = _tokens_of(info, path)
     # A strategy's `load` checks the weights against the pipeline and, if it raises, leaves it as it was.
@@ -386,7 +386,20 @@ def unload_adapter(pipe: DiffusionPipeline) -> None:
     adapter.pipe = None
 
 
-def _check_base_model(pipe: DiffusionPipeline, family: Any, info: dict[str, Any], path: str | os.PathLike) -> None:
+def check_base_model(pipe: DiffusionPipeline, family: Any, info: dict[str, Any], path: str | os.PathLike) -> None:
+    """`AdapterError` unless `pipe` is of the family and architecture the adapter file `path` records in `info`.
+
+    Another checkpoint of the same architecture is allowed, with a `BaseModelWarning`.
+
+    Args:
+        pipe (`DiffusionPipeline`): the pipeline the adapter goes into.
+        family (`type[Family]`): the pipeline's family (`family_of(pipe)`).
+        info (`dict`): the file's metadata (`unpack_metadata`).
+        path (`str | PathLike`): the file, for messages.
+
+    Example:
+        >>> check_base_model(pipe, family_of(pipe), unpack_metadata(header, path), path)  # doctest: +SKIP
+    """
     base = info.get("base_model") or {}
     if not isinstance(base, dict):
         raise AdapterError(f"{str(path)!r}: metadata field 'base_model' is not a JSON object.")
@@ -409,7 +422,13 @@ def _check_base_model(pipe: DiffusionPipeline, family: Any, info: dict[str, Any]
         )
 
 
-def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A save dtype by name ("fp16", "bfloat16", ...) or as a torch dtype; `AdapterError` for any other.
+
+    Example:
+        >>> as_dtype("fp16")
+        torch.float16
+    """
     import torch
 
     if dtype is None or isinstance(dtype, torch.dtype):

@@ -177,7 +177,7 @@ def _settings_options(command: Callable[..., Any]) -> Callable[..., Any]:
     seen = {spec.name for spec in specs}
     for name in available_strategies():
         for spec in fields(get_strategy(name).Options):
-            if spec.name not in seen:  # an option several strategies share (rank) is offered once
+            if spec.name not in seen and spec.metadata.get("cli", True):  # a shared option (rank) is offered once
                 seen.add(spec.name)
                 specs.append(spec)
     for spec in reversed(specs):
@@ -441,6 +441,50 @@ def fuse(model: str, adapter_path: str, output: str, dtype: str, device: str | N
     save_pipeline(pipe, folder)
     click.echo(f"wrote {folder} (the {adapter.strategy.name} adapter for {adapter.instance_prompt!r}, fused)")
     click.echo(f"identifier: {adapter.identifier}   load it with DiffusionPipeline.from_pretrained({str(folder)!r})")
+
+
+@main.command()
+@click.argument("adapter_path", metavar="FULL_ADAPTER")
+@click.option(
+    "--model", default=None, help="The fine-tune's base model, a folder or hub id (default: the one it records)."
+)
+@click.option("--rank", type=int, default=None, help="One LoRA rank for every layer (capped by the layer's size).")
+@click.option("--energy", type=float, default=None, help="Per layer, the smallest rank keeping this share, e.g. 0.9.")
+@click.option("--output", required=True, type=click.Path(dir_okay=False), help="The LoRA file (.safetensors).")
+@click.option(
+    "--dtype", type=click.Choice(list(DTYPES)), default="fp32", show_default=True, help="Load the model and save in it."
+)
+@click.option("--device", default=None, help="Where the SVDs run: cpu, cuda, ... (default: cuda when available).")
+@friendly_errors
+def extract(
+    adapter_path: str,
+    model: str | None,
+    rank: int | None,
+    energy: float | None,
+    output: str,
+    dtype: str,
+    device: str | None,
+) -> None:
+    """Make a LoRA from a full fine-tune: the truncated SVD of every changed Linear and Conv2d weight."""
+    from .adapter_file import check_output_path
+    from .extract import check_rank_or_energy, extract_lora, full_fine_tune_info, report_lines
+
+    # Cheap checks first: a bad option or file should not wait for the model to load.
+    check_rank_or_energy(rank, energy)
+    output_path = check_output_path(output)
+    info = full_fine_tune_info(adapter_path)
+    model = model or (info.get("base_model") or {}).get("model_id")
+    if not model:
+        raise InputError(f"{adapter_path!r} records no base model id; pass --model (a diffusers folder or hub id).")
+    pipe = load_pipeline(model, device, dtype)
+    extraction = extract_lora(pipe, adapter_path, rank=rank, energy=energy)
+    path = extraction.save(output_path, dtype=DTYPES[dtype])
+    for line in report_lines(extraction):
+        click.echo(line)
+    click.echo(
+        f"wrote {path}: {len(extraction.layers)} layers, retained energy {extraction.retained_energy:.4f} "
+        f"of their change, {path.stat().st_size:,} bytes"
+    )
 
 
 @main.command(name="eval")

@@ -91,8 +91,9 @@ def convert(
     if format == "kohya":
         from .kohya import kohya_metadata, to_kohya
 
-        family = _family(info)
-        converted = to_kohya(tensors, family, _alpha(info), layers_per_block=layers_per_block)
+        family, alpha = _family(info), _alpha(info)
+        scaled = _fold_layer_alphas(tensors, header, alpha)
+        converted = to_kohya(scaled, family, alpha, layers_per_block=layers_per_block)
         return converted, {"format": "pt", **kohya_metadata(info, tensors, family), **ours}
     from .peft import lora_configs, peft_metadata, to_peft
 
@@ -182,6 +183,36 @@ def clip_has_text_model_level() -> bool:
     sizes = {"hidden_size": 4, "intermediate_size": 4, "num_hidden_layers": 1, "num_attention_heads": 1}
     config = CLIPTextConfig(vocab_size=8, bos_token_id=0, eos_token_id=1, pad_token_id=1, **sizes)
     return any(name.startswith("text_model.") for name, _ in CLIPTextModel(config).named_modules())
+
+
+def _fold_layer_alphas(
+    tensors: Mapping[str, torch.Tensor], header: Mapping[str, str], alpha: float
+) -> dict[str, torch.Tensor]:
+    """The LoRA weights with any layer's own alpha folded into its down weight, for a file of one alpha.
+
+    The kohya file gives every layer the adapter's one alpha, so each scales by alpha / its rank; a layer
+    with its own alpha (peft's `alpha_pattern`, as a LoRA extracted at per-layer ranks has) scales by its
+    alpha / rank in peft. Its down weight times (its alpha / alpha) makes the two updates equal.
+    """
+    from peft.utils.other import get_pattern_key
+
+    from .peft import lora_configs
+
+    if "lora_adapter_metadata" not in header:  # no per-layer alphas recorded: every layer has the one alpha
+        return dict(tensors)
+    components = sorted({key.partition(".")[0] for key in tensors})
+    configs = lora_configs(header["lora_adapter_metadata"], components)
+    folded = {}
+    for key, tensor in tensors.items():
+        component, _, name = key.partition(".")
+        pattern = configs[component].get("alpha_pattern") or {}
+        if pattern and ".lora_A." in name:
+            # peft's own lookup (a pattern matches a module name's dotted suffix, with or without `text_model.`).
+            module = name.partition(".lora_A.")[0]
+            own = pattern.get(get_pattern_key(list(pattern), module), configs[component].get("lora_alpha", alpha))
+            tensor = tensor * (float(own) / alpha)
+        folded[key] = tensor
+    return folded
 
 
 def _family(info: Mapping[str, Any]) -> str | None:

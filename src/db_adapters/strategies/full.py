@@ -63,7 +63,7 @@ class FullFineTune(Strategy):
         """Replace the components' weights by the file's; every check comes first, and a failure restores them."""
         per_component = tensors_by_component(read_weights(path), path, family)
         for component, state in per_component.items():
-            _check_state_fits(getattr(pipe, component), state, component, path)
+            check_state_fits(getattr(pipe, component), state, component, path)
         self.family, self.components = family, tuple(per_component)
         self.train_text_encoder = len(per_component) > 1
         self._backup_base(pipe, self.components)
@@ -92,7 +92,14 @@ def _cast(module: torch.nn.Module, dtype: torch.dtype) -> None:
         module.to(dtype)
 
 
-def _check_state_fits(module: torch.nn.Module, state: dict, component: str, path: Path) -> None:
+def check_state_fits(module: torch.nn.Module, state: dict, component: str, path: Path) -> None:
+    """`AdapterError` unless `state` has exactly `module`'s weight names and shapes (a full fine-tune's component).
+
+    Example:
+        >>> import torch
+        >>> state = {"weight": torch.zeros(3, 2), "bias": torch.zeros(3)}
+        >>> check_state_fits(torch.nn.Linear(2, 3), state, "unet", Path("x.safetensors"))
+    """
     expected = {name: tuple(t.shape) for name, t in module.state_dict().items()}
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))

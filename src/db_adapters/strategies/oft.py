@@ -73,7 +73,7 @@ class Oft(PeftAdapter):
     def _check_widths(self, module: torch.nn.Module, component: str) -> None:
         from peft.tuners.tuners_utils import check_target_module_exists
 
-        config, size = self.peft_config(self.targets(component)), self.options.block_size
+        config, size = self.component_peft_config(component), self.options.block_size
         widths = {
             layer.in_features
             for name, layer in module.named_modules()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from abc import abstractmethod
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -54,7 +55,11 @@ def target_setting() -> Any:
 
 def text_target_setting() -> Any:
     """The `text_encoder_target_modules` field of a peft strategy's options."""
-    return setting(None, "Text-encoder modules to adapt; None: the family's (CLIP: q_proj,k_proj,v_proj,out_proj).")
+    return setting(
+        None,
+        "Text-encoder modules to adapt; None: the family's (CLIP: q_proj,k_proj,v_proj,out_proj). A name that "
+        "starts with a text encoder's name ('text_encoder_2.') adapts that encoder alone.",
+    )
 
 
 def module_dropout_setting() -> Any:
@@ -107,6 +112,10 @@ class PeftAdapter(Strategy):
     def peft_config(self, targets: list[str]) -> PeftConfig:
         """The peft config of this strategy's layers on the modules `targets`."""
 
+    def component_peft_config(self, component: str) -> PeftConfig:
+        """The peft config of this strategy's layers in one component (its targets, and any per-layer options)."""
+        return self.peft_config(self.targets(component))
+
     # --- training ----------------------------------------------------------------------------------
 
     def apply(self, pipe: Any, family: type[Family], *, train_text_encoder: bool) -> None:
@@ -127,7 +136,7 @@ class PeftAdapter(Strategy):
         """Put this strategy's layers into one component with peft's `inject_adapter_in_model`."""
         from peft import inject_adapter_in_model
 
-        inject_adapter_in_model(self.peft_config(self.targets(component)), getattr(pipe, component), ADAPTER_NAME)
+        inject_adapter_in_model(self.component_peft_config(component), getattr(pipe, component), ADAPTER_NAME)
 
     def _inject_or_explain(self, pipe: Any, component: str) -> None:
         try:
@@ -169,7 +178,7 @@ class PeftAdapter(Strategy):
 
     def peft_config_dict(self, component: str) -> dict[str, Any]:
         """The component's peft config as JSON-able values, the same in every process."""
-        config = self.peft_config(self.targets(component)).to_dict()
+        config = self.component_peft_config(component).to_dict()
         # peft keeps target_modules as a set, which would be written in the process's hash-seeded
         # order: sorted, the same training writes the same file in every process.
         config["target_modules"] = sorted(config["target_modules"])
@@ -201,7 +210,7 @@ class PeftAdapter(Strategy):
         """Check, before injecting anything, that the file adapts exactly the layers `apply` would."""
         from peft.tuners.tuners_utils import check_target_module_exists
 
-        config = self.peft_config(self.targets(component))
+        config = self.component_peft_config(component)
         wanted = {name for name, _ in module.named_modules() if name and check_target_module_exists(config, name)}
         found = {key.partition(self.marker)[0] for key in state}
         _require_same(wanted, found, f"{component} {self.name} layers", path)
@@ -237,18 +246,54 @@ class PeftAdapter(Strategy):
     # --- options -----------------------------------------------------------------------------------
 
     def targets(self, component: str) -> list[str]:
-        """The modules adapted in `component`: the options' or the family's."""
+        """The modules adapted in `component`: the options' (those meant for it) or the family's."""
         if component == self.family.denoiser:
-            return self.options.target_modules or list(self.family.adapter_targets)
-        return self.options.text_encoder_target_modules or list(self.family.text_encoder_adapter_targets)
+            names = self.options.target_modules or list(self.family.adapter_targets)
+        else:
+            names = self.options.text_encoder_target_modules or list(self.family.text_encoder_adapter_targets)
+        parts = (self.family.denoiser, *self.family.text_encoders)
+        return list(names_in_component(names, component, parts).values())
 
     def config(self) -> dict[str, Any]:
         """The options, with the target modules the family chose once the strategy has met a pipeline."""
         config = super().config()
         if self.family is not None:
-            config["target_modules"] = self.targets(self.family.denoiser)
-            config["text_encoder_target_modules"] = self.targets(self.family.text_encoders[0])
+            config["target_modules"] = self.options.target_modules or list(self.family.adapter_targets)
+            config["text_encoder_target_modules"] = self.options.text_encoder_target_modules or list(
+                self.family.text_encoder_adapter_targets
+            )
         return config
+
+
+def names_in_component(names: Iterable[str], component: str, components: Sequence[str]) -> dict[str, str]:
+    """The module names (or patterns) of an option that apply to `component`, as peft sees them inside it.
+
+    A name may start with a component's name and a dot ("text_encoder_2.encoder.layers.0.mlp.fc1"): it
+    then applies to that component alone, without the prefix; every other name applies to every
+    component. SDXL's two CLIP encoders share their module names, so only the prefix tells them apart.
+
+    Args:
+        names (`Iterable[str]`): target modules, or the keys of a rank or alpha pattern.
+        component (`str`): the component being adapted ("text_encoder").
+        components (`Sequence[str]`): the family's components, the prefixes that qualify a name.
+
+    Returns:
+        `{name as written: name inside the component}` for the names that apply.
+
+    Example:
+        >>> names_in_component(["to_q", "text_encoder_2.fc1", "text_encoder.fc2"], "text_encoder",
+        ...                    ["unet", "text_encoder", "text_encoder_2"])
+        {'to_q': 'to_q', 'text_encoder.fc2': 'fc2'}
+    """
+    chosen = {}
+    for name in names:
+        owner, dot, inner = name.partition(".")
+        if dot and inner and owner in components:
+            if owner == component:
+                chosen[name] = inner
+        else:
+            chosen[name] = name
+    return chosen
 
 
 def strip_adapter_layers(module: torch.nn.Module) -> None:
