@@ -219,6 +219,26 @@ def test_other_peft_forms_rebuild_exactly(kind, layer, options, form):
     assert_same_update(kind, keys, model.layer, f"{kind} {form}")
 
 
+def test_metadata_tells_sd2_by_the_cross_attention_width():
+    """SD 2.x's cross-attention reads 1024-wide OpenCLIP states (SD 1.x 768): LoHa's w1_b holds the width whole,
+    LoKr's splits it between its factors (32 x 32)."""
+    from db_adapters.formats.lycoris import lycoris_metadata
+
+    info = {"identifier": "olg", "class_noun": "dog", "instance_prompt": "a olg dog", "strategy_config": {"rank": 2}}
+    key = "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k"
+    loha = {f"{key}.hada_w1_b": torch.zeros(2, 1024), f"{key}.hada_w2_b": torch.zeros(2, 1024)}
+    lokr = {
+        f"{key}.lokr_w1": torch.zeros(4, 32),
+        f"{key}.lokr_w2_a": torch.zeros(8, 2),
+        f"{key}.lokr_w2_b": torch.zeros(2, 32),
+    }
+    for strategy, state in (("loha", loha), ("lokr", lokr)):
+        v2 = lycoris_metadata({**info, "strategy": strategy}, state, "sd")
+        assert v2["ss_base_model_version"] == "sd_v2" and v2["ss_v2"] == "True", strategy
+    narrow = {k: v[..., :768] for k, v in loha.items()}
+    assert lycoris_metadata({**info, "strategy": "loha"}, narrow, "sd")["ss_base_model_version"] == "sd_v1"
+
+
 # --- refusals -------------------------------------------------------------------------------------------------
 
 
