@@ -206,6 +206,15 @@ def disk_full_save(e: Env) -> None:
     adapter.save(path)
 
 
+def trained_kind(e: Env, strategy: str) -> Any:
+    """A 1-step adapter of `strategy` on a fresh tiny pipeline (the shared one stays clean)."""
+    return personalize(tiny_pipeline(), make_subject_images(), "dog", strategy=strategy, **CHEAP)
+
+
+def lycoris_export(e: Env) -> Path:
+    return trained_kind(e, "loha").save(e.tmp / "dog_comfyui.safetensors", format="kohya")
+
+
 def saved_after_unload(e: Env) -> None:
     adapter = load_adapter(e.pipe, e.trained["file"])
     unload_adapter(e.pipe)
@@ -425,6 +434,8 @@ ROWS = [
     Row("output: unknown dtype", "Adapter.save", AdapterError, "dtype 'int8' is not supported",
         lambda e: e.trained["adapter"].save(e.tmp / "dog.safetensors", dtype="int8")),
     Row("output: adapter unloaded", "Adapter.save", AdapterError, "no longer attached", saved_after_unload),
+    Row("output: oft adapter in kohya format", "Adapter.save", AdapterError, "cannot be written as LyCORIS keys",
+        lambda e: trained_kind(e, "oft").save(e.tmp / "oft_comfyui.safetensors", format="kohya")),
     # Loading.
     Row("adapter: pickle file (.pt)", "load_adapter", AdapterError, "loads only safetensors",
         lambda e: load_adapter(e.pipe, adapter_file(e, "dog.pt", b"\x80\x04pickle"))),
@@ -506,6 +517,8 @@ ROWS = [
         lambda e: cli_generate(e, "--adapter", str(adapter_file(e, "dog.bin", b"\x80\x04pickle")))),
     Row("generate: --adapter for another architecture", "db-adapt generate", AdapterError, "another architecture",
         lambda e: cli_generate(e, "--adapter", str(e.cli_trained["file"]), model=e.model_dirs["vpred"])),
+    Row("generate: --adapter a LyCORIS kohya file", "db-adapt generate", AdapterError, "a file for ComfyUI and A1111",
+        lambda e: cli_generate(e, "--adapter", str(lycoris_export(e)))),
     Row("inspect: truncated adapter", "db-adapt inspect", AdapterError, "is not a valid safetensors file",
         lambda e: ["inspect", str(truncated_adapter(e))]),
     Row("eval: --output a file", "db-adapt eval", click.UsageError, "report.json' is a file",

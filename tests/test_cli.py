@@ -116,6 +116,50 @@ def test_generate_makes_a_grid_with_the_identifier(tiny_dir, trained_adapter, tm
     assert Image.open(out).size == (64, 64)  # 2 x 2 grid of 32 px images
 
 
+def _generate(tiny_dir: Path, adapter: Path, output: Path):
+    args = ["generate", "--model", str(tiny_dir), "--adapter", str(adapter), "--prompt", "a {id} dog"]
+    return CliRunner().invoke(main, [*args, "--num-images", "2", "--steps", "2", "--output", str(output)])
+
+
+def test_generate_reads_a_kohya_lora_export_as_the_adapter_file_renders(tiny_dir, tmp_path):
+    import numpy as np
+    from conftest import make_subject_images
+    from PIL import Image
+
+    from db_adapters import personalize
+    from db_adapters.testing import tiny_pipeline
+
+    settings = {"rank": 4, "alpha": 8, "train_text_encoder": True, "steps": 2, "learning_rate": 5e-2}
+    quick = {"prior_preservation": False, "progress": False, "output_dir": tmp_path}
+    lora = personalize(tiny_pipeline(seed=0), make_subject_images(), "dog", **settings, **quick)
+    own = lora.save(tmp_path / "dog.safetensors")
+    kohya = lora.save(tmp_path / "dog_kohya.safetensors", format="kohya")
+    results = {"own": _generate(tiny_dir, own, tmp_path / "own.png")}
+    results["kohya"] = _generate(tiny_dir, kohya, tmp_path / "kohya.png")
+    base = ["generate", "--model", str(tiny_dir), "--prompt", lora.instance_prompt, "--num-images", "2"]
+    results["base"] = CliRunner().invoke(main, [*base, "--steps", "2", "--output", str(tmp_path / "base.png")])
+    assert all(result.exit_code == 0 for result in results.values()), {k: r.output for k, r in results.items()}
+    assert f"of {lora.instance_prompt!r}" in results["kohya"].output  # the identifier, from the kohya file
+    pixels = {name: np.asarray(Image.open(tmp_path / f"{name}.png"), dtype=int) for name in results}
+    assert np.abs(pixels["kohya"] - pixels["own"]).max() <= 1  # through diffusers' kohya reader: the same images
+    assert np.abs(pixels["base"] - pixels["own"]).max() > 3  # and the adapter is in them
+
+
+def test_generate_refuses_a_lycoris_kohya_file_with_what_to_use(tiny_dir, tmp_path):
+    from conftest import make_subject_images
+
+    from db_adapters import personalize
+    from db_adapters.testing import tiny_pipeline
+
+    quick = {"steps": 1, "prior_preservation": False, "progress": False, "output_dir": tmp_path}
+    loha = personalize(tiny_pipeline(seed=0), make_subject_images(), "dog", strategy="loha", **quick)
+    result = _generate(tiny_dir, loha.save(tmp_path / "dog_comfyui.safetensors", format="kohya"), tmp_path / "g.png")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert "loha adapter in LyCORIS/kohya keys, a file for ComfyUI and A1111" in line
+    assert "Generate from the db-adapters file" in line and not (tmp_path / "g.png").exists()
+
+
 @pytest.fixture(scope="module")
 def img2img_dir(tmp_path_factory) -> Path:
     from diffusers import StableDiffusionImg2ImgPipeline

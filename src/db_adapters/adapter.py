@@ -106,9 +106,10 @@ class Adapter:
             path (`str | PathLike`): a `.safetensors` file name; its folder is created if needed.
             dtype (`torch.dtype | str | None`): store weights as float16/bfloat16 to halve the file;
                 None keeps them as trained (fp32).
-            format (`str`): "diffusers" (default: `load_adapter` and `pipe.load_lora_weights` read it),
-                "kohya" (the LoRA keys A1111 and ComfyUI read; SD, SDXL, Flux) or "peft" (peft's keys and
-                `LoraConfig`). kohya and peft hold LoRA adapters only; `load_adapter` reads the diffusers file.
+            format (`str`): "diffusers" (default: `load_adapter` reads it, and `pipe.load_lora_weights` a
+                LoRA's), "kohya" (the keys A1111 and ComfyUI read: LoRA on SD, SDXL, Flux; LoHa and LoKr on SD,
+                SDXL as LyCORIS keys) or "peft" (LoRA in peft's keys and `LoraConfig`). Full fine-tunes and OFT
+                are written in the diffusers format only; `load_adapter` reads the diffusers file.
 
         Example:
             >>> adapter.save("my_dog.safetensors")  # doctest: +SKIP
@@ -159,7 +160,7 @@ class Adapter:
             raise AdapterError("this adapter has no token embeddings (it was trained without pivotal_tokens).")
         path = check_output_path(path)
         family = family_of(self.pipe)
-        rows, dtype = pipeline_rows(self.pipe, family, self.tokens), _as_dtype(dtype)
+        rows, dtype = pipeline_rows(self.pipe, family, self.tokens), as_dtype(dtype)
         rows = {component: tensor.to(dtype) for component, tensor in rows.items()} if dtype else rows
         return save_tensors(path, embedding_file_tensors(family, rows), {"tokens": ",".join(self.tokens)})
 
@@ -261,7 +262,9 @@ def load_adapter(pipe: DiffusionPipeline, path: str | os.PathLike) -> Adapter:
     info = unpack_metadata(read_header(path).metadata, path)
     held = info.get("file_format") or "diffusers"
     if held != "diffusers":
-        loader = "pipe.load_lora_weights(path), A1111 or ComfyUI" if held == "kohya" else "peft"
+        loader = {"kohya": "pipe.load_lora_weights(path), A1111 or ComfyUI", "peft": "peft"}.get(held, "its tool")
+        if held == "kohya" and info["strategy"] != "lora":
+            loader = "ComfyUI or A1111"  # LyCORIS keys, which diffusers' SD and SDXL loaders do not read
         raise AdapterError(
             f"{str(path)!r} is a {held}-format export; load_adapter reads db-adapters' own (diffusers-format) "
             f"file. Load this one with {loader}, or load the file it was exported from."
@@ -355,6 +358,37 @@ def _load_tokens(
         raise
     subjects = [{key: renamed(value, mapping) for key, value in subject.items()} for subject in subjects]
     return subjects, [mapping[t] for t in tokens]
+
+
+def load_for_generation(pipe: DiffusionPipeline, path: str | os.PathLike) -> str:
+    """Put an adapter file into a pipeline to render with it, and return the adapter's identifier.
+
+    Reads db-adapters' own files (`load_adapter`) and kohya LoRA exports, the latter through the pipeline's
+    own `load_lora_weights` (diffusers' kohya reader), so a kohya file renders as A1111 and ComfyUI users
+    get it. A LyCORIS (LoHa, LoKr) kohya file is refused: diffusers' SD and SDXL loaders do not read it.
+
+    Args:
+        pipe (`DiffusionPipeline`): a pipeline of the model the adapter was trained on, carrying no adapter.
+        path (`str | PathLike`): the adapter's `.safetensors` file (db-adapters' own, or its kohya export).
+
+    Example:
+        >>> identifier = load_for_generation(pipe, "my_dog_kohya.safetensors")  # doctest: +SKIP
+    """
+    info = unpack_metadata(read_header(path).metadata, path)
+    if (info.get("file_format") or "diffusers") != "kohya":
+        return load_adapter(pipe, path).identifier
+    if info["strategy"] != "lora":
+        raise AdapterError(
+            f"{str(path)!r} is a {info['strategy']} adapter in LyCORIS/kohya keys, a file for ComfyUI and A1111; "
+            "diffusers does not load it. Generate from the db-adapters file it was exported from."
+        )
+    refuse_if_adapted(pipe)
+    check_base_model(pipe, family_of(pipe), info, path)
+    try:
+        pipe.load_lora_weights(str(path))
+    except (ValueError, KeyError, RuntimeError) as error:
+        raise AdapterError(f"{str(path)!r}: diffusers' kohya reader could not load it ({error}).") from None
+    return info["identifier"]
 
 
 def _strategy_of(info: dict[str, Any], path: str | os.PathLike) -> Strategy:

@@ -291,7 +291,12 @@ def _subject_option(text: str) -> Any:
 
 @main.command()
 @click.option("--model", required=True, help="Local diffusers folder or hub id the adapter was trained on.")
-@click.option("--adapter", "adapter_path", default=None, help="Adapter file; without one, the base model.")
+@click.option(
+    "--adapter",
+    "adapter_path",
+    default=None,
+    help="Adapter file (db-adapters' own, or a kohya LoRA export); without one, the base model.",
+)
 @click.option("--prompt", required=True, help='Prompt; "{id}" becomes the adapter\'s identifier.')
 @click.option("--negative-prompt", default=None)
 @click.option("--num-images", type=int, default=1, show_default=True)
@@ -328,9 +333,9 @@ def generate(
     pipe = load_pipeline(model, device, dtype)
     identifier = None
     if adapter_path is not None:
-        from .adapter import load_adapter
+        from .adapter import load_for_generation
 
-        identifier = load_adapter(pipe, adapter_path).identifier
+        identifier = load_for_generation(pipe, adapter_path)
     if "{id}" in prompt and identifier is None:
         raise InputError('--prompt uses "{id}" but no --adapter was given.')
     text = prompt.replace("{id}", identifier or "")
@@ -404,13 +409,13 @@ def inspect(adapter_path: str) -> None:
     type=click.Choice(["kohya", "peft", "diffusers"]),
     default="kohya",
     show_default=True,
-    help="kohya: the LoRA keys A1111 and ComfyUI read (SD, SDXL, Flux); peft: peft's keys and LoraConfig; "
-    "diffusers: db-adapters' own file.",
+    help="kohya: the keys A1111 and ComfyUI read (LoRA: SD, SDXL, Flux; LoHa, LoKr: SD, SDXL, as LyCORIS keys); "
+    "peft: LoRA in peft's keys and LoraConfig; diffusers: db-adapters' own file.",
 )
 @click.option("--output", required=True, type=click.Path(dir_okay=False), help="The converted file (.safetensors).")
 @friendly_errors
 def export(adapter_path: str, file_format: str, output: str) -> None:
-    """Convert a LoRA adapter file to the format another tool loads."""
+    """Convert an adapter file to the format another tool loads."""
     from .formats import export_adapter
 
     path = export_adapter(adapter_path, output, file_format)
@@ -489,7 +494,12 @@ def extract(
 
 @main.command(name="eval")
 @click.option("--model", required=True, help="Local diffusers folder or hub id (the adapter's base model).")
-@click.option("--adapter", "adapter_path", default=None, help="Adapter file; without one, the base model.")
+@click.option(
+    "--adapter",
+    "adapter_path",
+    default=None,
+    help="Adapter file (db-adapters' own, or a kohya LoRA export); without one, the base model.",
+)
 @click.option("--images", required=True, help="Folder of the subject's real photos.")
 @click.option("--class-noun", default=None, help="The subject's class (default: the adapter's).")
 @click.option("--live", is_flag=True, help="Live subject (pet): DreamBench's live-subject prompts.")

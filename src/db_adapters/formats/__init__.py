@@ -1,9 +1,11 @@
-"""Adapter file formats people load: "diffusers" (db-adapters' own file, `pipe.load_lora_weights` reads it),
-"kohya" (A1111, ComfyUI; `kohya.py`) and "peft" (`peft.py`).
+"""Adapter file formats people load: "diffusers" (db-adapters' own file, `pipe.load_lora_weights` reads a LoRA's),
+"kohya" (A1111, ComfyUI: kohya's LoRA keys, `kohya.py`, or LyCORIS's LoHa/LoKr keys, `lycoris.py`) and "peft"
+(`peft.py`).
 
 The format modules are pure state-dict conversions; `convert` picks one, and `export_adapter` converts a
-saved db-adapters file into another, read safely and written atomically. Only LoRA adapters convert: a
-full fine-tune holds whole weights, not low-rank layers.
+saved db-adapters file into another, read safely and written atomically. LoRA converts to every format,
+LoHa and LoKr to kohya (on SD and SDXL); a full fine-tune holds whole weights, not adapter layers, and
+OFT has no exact LyCORIS form (`lycoris.OFT_REFUSAL`).
 """
 
 from __future__ import annotations
@@ -40,19 +42,35 @@ def check_convertible(strategy: str, family: str | None, format: str) -> None:
     """`AdapterError` if an adapter of `strategy` on a `family` model cannot be written in `format`.
 
     Example:
+        >>> check_convertible("loha", "sdxl", "kohya")
         >>> check_convertible("full", "sd", "kohya")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
         db_adapters.errors.AdapterError: a full fine-tune cannot be written in kohya format: ...
     """
+    from .lycoris import KINDS as LYCORIS_KINDS
+
     check_format(format)
     if format == "diffusers":
         return
+    if strategy in LYCORIS_KINDS:
+        if format == "peft":
+            raise AdapterError(
+                f"a {strategy} adapter is not written in peft format: that format holds LoRA layers and a "
+                f"LoraConfig. The db-adapters {strategy} file already holds peft's own {strategy} state dict "
+                "(under component. keys) and its peft config (header field 'peft_config'); for ComfyUI and "
+                "A1111 use format 'kohya'."
+            )
+        from .lycoris import check_lycoris
+
+        check_lycoris(strategy, family or "")
+        return
     if strategy != "lora":
+        held = "whole weights" if strategy == "full" else f"{strategy} layers"
+        fuse = ", or bake it into a full pipeline folder with `db-adapt fuse`" if strategy == "full" else ""
         raise AdapterError(
             f"a {strategy} fine-tune cannot be written in {format} format: {format} files hold LoRA layers, and a "
-            f"{strategy} fine-tune holds whole weights. Save it in format 'diffusers' (load_adapter reads it), or "
-            "bake it into a full pipeline folder with `db-adapt fuse`."
+            f"{strategy} fine-tune holds {held}. Save it in format 'diffusers' (load_adapter reads it){fuse}."
         )
     if format == "kohya":
         from .kohya import check_family
@@ -69,11 +87,12 @@ def convert(
     layers_per_block: int | None = None,
     text_model_level: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """A db-adapters LoRA file's tensors and header as `format`'s tensors and header text.
+    """A db-adapters adapter file's tensors and header as `format`'s tensors and header text.
 
     Args:
-        tensors (`Mapping[str, Tensor]`): the file's tensors (diffusers' layout).
-        header (`Mapping[str, str]`): the file's header text (diffusers' `lora_adapter_metadata`, ours).
+        tensors (`Mapping[str, Tensor]`): the file's tensors (LoRA: diffusers' layout; LoHa, LoKr: peft's).
+        header (`Mapping[str, str]`): the file's header text (diffusers' `lora_adapter_metadata` or our
+            `peft_config`, and ours).
         info (`Mapping[str, Any]`): our metadata, parsed (`unpack_metadata`).
         format (`str`): "diffusers", "kohya" or "peft".
         layers_per_block (`int | None`): SDXL's UNet `layers_per_block` for kohya's block numbers (None: inferred).
@@ -88,13 +107,21 @@ def convert(
     ours = pack_metadata({**{k: v for k, v in info.items() if k != "format_version"}, FILE_FORMAT_FIELD: format})
     if format == "diffusers":
         return dict(tensors), {**header, METADATA_KEY: ours[METADATA_KEY]}
+    if format == "kohya" and info["strategy"] != "lora":
+        from .lycoris import lycoris_metadata, peft_configs, to_lycoris
+
+        family = _family(info)
+        configs = peft_configs(header)
+        converted = to_lycoris(tensors, info["strategy"], configs, family, layers_per_block=layers_per_block)
+        return converted, {"format": "pt", **lycoris_metadata(info, tensors, family), **ours}
     if format == "kohya":
-        from .kohya import kohya_metadata, to_kohya
+        from .kohya import kohya_metadata, lora_context_widths, to_kohya
 
         family, alpha = _family(info), _alpha(info)
         scaled = _fold_layer_alphas(tensors, header, alpha)
         converted = to_kohya(scaled, family, alpha, layers_per_block=layers_per_block)
-        return converted, {"format": "pt", **kohya_metadata(info, tensors, family), **ours}
+        metadata = kohya_metadata(info, family, context_widths=lora_context_widths(tensors))
+        return converted, {"format": "pt", **metadata, **ours}
     from .peft import lora_configs, peft_metadata, to_peft
 
     components = sorted({key.partition(".")[0] for key in tensors})

@@ -3,17 +3,19 @@
 `lora_te2_` (SDXL, Flux), and `ss_*` metadata.
 
 Pure functions, state dict in, state dict out. The input is a db-adapters LoRA file's tensors in diffusers'
-layout (`unet.<module>.lora_A.weight`, `text_encoder.text_model.<module>.lora_B.weight`, ...). diffusers'
-own converter (`convert_all_state_dict_to_peft` + `convert_state_dict_to_kohya`) writes the SD and SDXL
-keys; what it gets wrong or lacks is written here by hand, each with its reason. diffusers reads every file
-this writes back through `load_lora_weights` (`_convert_non_diffusers_lora_to_diffusers` for SD and SDXL,
-`_convert_kohya_flux_lora_to_diffusers` for Flux); it has no kohya reader for SD3, so SD3 is not offered.
+layout (`unet.<module>.lora_A.weight`, `text_encoder.text_model.<module>.lora_B.weight`, ...). The module
+names (`kohya_names`, SDXL's SGM block numbers, the `ss_*` header) are shared with LyCORIS's keys
+(lycoris.py); diffusers names only LoRA tensors, not modules, so they are written here by hand, each rule
+with its reason. diffusers reads every file this writes back through `load_lora_weights`
+(`_convert_non_diffusers_lora_to_diffusers` for SD and SDXL, `_convert_kohya_flux_lora_to_diffusers` for
+Flux); it has no kohya reader for SD3, so SD3 is not offered.
 """
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..errors import AdapterError
@@ -68,34 +70,85 @@ def to_kohya(
     """
     check_family(family)
     modules = _modules(state)
+    result = {}
     if family == "flux":
         denoiser = {name: pair for name, pair in modules.items() if name.startswith("transformer.")}
-        text = {name: pair for name, pair in modules.items() if name not in denoiser}
-        return {**_flux_denoiser(denoiser, alpha), **_clip_modules(text, family, alpha)}
-    if family == "sdxl":
-        lpb = _layers_per_block(modules, layers_per_block)
-        modules = {_sgm_name(name, lpb): pair for name, pair in modules.items()}
-    return _clip_modules(modules, family, alpha)
+        modules = {name: pair for name, pair in modules.items() if name not in denoiser}
+        result |= _flux_denoiser(denoiser, alpha)
+    names = kohya_names(modules, family, layers_per_block=layers_per_block)
+    for name, (down, up) in modules.items():
+        result |= _lora(names[name], down, up, alpha)
+    return result
 
 
-def kohya_metadata(info: Mapping[str, Any], state: Mapping[str, torch.Tensor], family: str) -> dict[str, str]:
-    """kohya's `ss_*` header fields for a LoRA with db-adapters metadata `info` (what A1111 and ComfyUI show).
+def kohya_names(modules: Iterable[str], family: str, *, layers_per_block: int | None = None) -> dict[str, str]:
+    """kohya's name of each adapted module: `lora_unet_<path with _>` (SDXL: in SGM blocks), `lora_te_...`.
+
+    The names every kohya-style file uses, LoRA and LyCORIS alike (ComfyUI and A1111 map them back to
+    modules). diffusers' `convert_state_dict_to_kohya` names only LoRA tensors, not modules, so the
+    naming is written here once for both.
+
+    Args:
+        modules (`Iterable[str]`): `component.<module>` in diffusers' names: the UNet's (`unet.`) and the CLIP
+            text encoders' (`text_encoder.`, `text_encoder_2.`), with or without CLIP's `text_model.` level.
+        family (`str`): "sd", "sdxl" (or "flux" for its CLIP text encoder; its transformer is `to_kohya`'s).
+        layers_per_block (`int | None`): SDXL only: the UNet's `layers_per_block`, which numbers kohya's SGM
+            blocks; None infers it from the up blocks' attention layers in `modules`.
+
+    Example:
+        >>> kohya_names(["unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_k",
+        ...              "text_encoder.encoder.layers.0.self_attn.q_proj"], "sd")  # doctest: +NORMALIZE_WHITESPACE
+        {'unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_k':
+             'lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_k',
+         'text_encoder.encoder.layers.0.self_attn.q_proj': 'lora_te_text_model_encoder_layers_0_self_attn_q_proj'}
+    """
+    modules = list(modules)
+    lpb = _layers_per_block(modules, layers_per_block) if family == "sdxl" else 0
+    names = {}
+    for name in modules:
+        component, _, module = (_sgm_name(name, lpb) if family == "sdxl" else name).partition(".")
+        if component not in _PREFIXES:
+            raise AdapterError(f"kohya's names cover the UNet and CLIP text encoders; {name!r} is in neither.")
+        if component.startswith("text_encoder") and not module.startswith("text_model."):
+            # kohya's text-encoder keys spell out CLIP's `text_model.` level, which transformers 5 dropped.
+            module = f"text_model.{module}"
+        prefix = "lora_te_" if family == "sd" and component == "text_encoder" else _PREFIXES[component]
+        names[name] = prefix + module.replace(".", "_")
+    return names
+
+
+# kohya's prefix per component; SD 1.x/2.x's one text encoder is `lora_te_`, not SDXL's first `lora_te1_`.
+_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+
+
+def kohya_metadata(
+    info: Mapping[str, Any],
+    family: str,
+    *,
+    context_widths: Collection[int] = (),
+    network_module: str = NETWORK_MODULE,
+    network_args: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """kohya's `ss_*` header fields for an adapter with db-adapters metadata `info` (what A1111 and ComfyUI show).
 
     Args:
         info (`Mapping[str, Any]`): the adapter's db-adapters metadata (`unpack_metadata`).
-        state (`Mapping[str, Tensor]`): the LoRA tensors in diffusers' layout (for SD 2.x detection).
         family (`str`): "sd", "sdxl" or "flux".
+        context_widths (`Collection[int]`): the input widths of the adapted cross-attention key/value layers;
+            all 1024 (OpenCLIP-H's) marks SD 2.x, where SD 1.x has CLIP-L's 768.
+        network_module (`str`): kohya's `ss_network_module`: "networks.lora", or "lycoris.kohya" for LyCORIS.
+        network_args (`Mapping[str, str] | None`): kohya's `ss_network_args` (LyCORIS: `algo` and its options).
 
     Example:
         >>> info = {"identifier": "olg", "class_noun": "dog", "instance_prompt": "a olg dog", "steps": 400,
         ...         "resolution": 512, "strategy_config": {"rank": 4, "alpha": 8}, "base_model": {"model_id": "m"}}
-        >>> kohya_metadata(info, {}, "sd")["ss_network_alpha"]
-        '8.0'
+        >>> kohya_metadata(info, "sd", context_widths={1024})["ss_base_model_version"]
+        'sd_v2'
     """
     config = info.get("strategy_config") or {}
     base = info.get("base_model") or {}
     version = BASE_MODEL_VERSIONS[family]
-    v2 = family == "sd" and _is_sd2(state)
+    v2 = family == "sd" and set(context_widths) == {1024}
     if v2:
         version = "sd_v2"
     comment = (
@@ -103,7 +156,7 @@ def kohya_metadata(info: Mapping[str, Any], state: Mapping[str, torch.Tensor], f
         + f": identifier {info['identifier']!r}, class {info['class_noun']!r}, prompt {info['instance_prompt']!r}"
     )
     metadata = {
-        "ss_network_module": NETWORK_MODULE,
+        "ss_network_module": network_module,
         "ss_network_dim": str(config.get("rank")),
         "ss_network_alpha": str(float(config.get("alpha") or config.get("rank"))),
         "ss_base_model_version": version,
@@ -113,46 +166,16 @@ def kohya_metadata(info: Mapping[str, Any], state: Mapping[str, torch.Tensor], f
         "ss_max_train_steps": str(info.get("steps") or 0),
         "ss_resolution": f"({info.get('resolution') or 0}, {info.get('resolution') or 0})",
     }
+    if network_args is not None:
+        metadata["ss_network_args"] = json.dumps(dict(network_args))
     if info.get("learning_rate") is not None:
         metadata["ss_learning_rate"] = str(info["learning_rate"])
     return metadata
 
 
-# --- SD, SDXL and the CLIP text encoders: diffusers' converter, fixed ------------------------------------
-
-
-def _clip_modules(modules: dict[str, tuple[Any, Any]], family: str, alpha: float) -> dict[str, torch.Tensor]:
-    import torch
-    from diffusers.utils.state_dict_utils import convert_all_state_dict_to_peft, convert_state_dict_to_kohya
-
-    if not modules:
-        return {}
-    state = {}
-    for name, (down, up) in modules.items():
-        component, _, module = name.partition(".")
-        if component.startswith("text_encoder") and not module.startswith("text_model."):
-            # kohya's text-encoder keys spell out CLIP's `text_model.` level, which transformers 5 dropped.
-            module = f"text_model.{module}"
-        state[f"{component}.{module}.lora_A.weight"] = down
-        state[f"{component}.{module}.lora_B.weight"] = up
-    converted = convert_state_dict_to_kohya(convert_all_state_dict_to_peft(state))
-    result = {}
-    for key, tensor in converted.items():
-        if family == "sd":
-            # diffusers names the one text encoder `lora_te1_` (SDXL's first encoder); kohya, A1111 and
-            # ComfyUI name SD 1.x/2.x's encoder `lora_te_`.
-            key = re.sub(r"^lora_te1_", "lora_te_", key)
-        if key.endswith(".alpha"):
-            # diffusers sets every alpha to the rank (scale 1); ours trained at alpha / rank.
-            tensor = torch.tensor(float(alpha), dtype=torch.float32)
-        result[key] = tensor
-    return result
-
-
-def _is_sd2(state: Mapping[str, torch.Tensor]) -> bool:
-    # SD 2.x cross-attends to OpenCLIP-H's 1024-wide states, SD 1.x to CLIP-L's 768.
-    widths = {t.shape[-1] for k, t in state.items() if re.search(r"attn2\.to_[kv]\.lora_A\.weight$", k)}
-    return widths == {1024}
+def lora_context_widths(state: Mapping[str, torch.Tensor]) -> set[int]:
+    """The input widths of a LoRA's cross-attention key/value layers (`kohya_metadata`'s SD 2.x test)."""
+    return {t.shape[-1] for k, t in state.items() if re.search(r"attn2\.to_[kv]\.lora_A\.weight$", k)}
 
 
 # --- SDXL: kohya trains on Stability's SGM UNet, whose blocks are numbered differently ----------------------
@@ -170,8 +193,8 @@ def _sgm_name(name: str, layers_per_block: int) -> str:
     match = _ATTENTION.match(name)
     if match is None:
         raise AdapterError(
-            f"kohya's SDXL names are written for the UNet's attention layers (LoRA's targets); {name!r} is not "
-            "in one. Use the diffusers format for this adapter."
+            f"kohya's SDXL names are written for the UNet's attention layers (the default targets); {name!r} is "
+            "not in one. Use the diffusers format for this adapter."
         )
     block, down, up, layer, rest = match.groups()
     step = layers_per_block + 1
@@ -188,10 +211,10 @@ def _layers_per_block(modules: Mapping[str, Any], given: Any) -> int:
     down = [int(m.group(4)) for m in map(_ATTENTION.match, modules) if m and m.group(2) is not None]
     up = [int(m.group(4)) for m in map(_ATTENTION.match, modules) if m and m.group(3) is not None]
     if given is None:
-        # An up block holds layers_per_block + 1 attention layers, all adapted by LoRA's targets.
+        # An up block holds layers_per_block + 1 attention layers, all adapted by the default targets.
         if not up:
             raise AdapterError(
-                "cannot number kohya's SDXL blocks: the LoRA has no up-block attention layers to tell the UNet's "
+                "cannot number kohya's SDXL blocks: the adapter has no up-block attention layers to tell the UNet's "
                 "layers_per_block from; save it from the pipeline (adapter.save(..., format='kohya'))."
             )
         given = max(up)
@@ -200,7 +223,7 @@ def _layers_per_block(modules: Mapping[str, Any], given: Any) -> int:
             f"kohya's SDXL block names need one layers_per_block for the whole UNet; this UNet has {given!r}."
         )
     if any(layer >= given for layer in down) or any(layer > given for layer in up):
-        raise AdapterError(f"the LoRA's attention layers do not fit a UNet with layers_per_block={given}.")
+        raise AdapterError(f"the adapter's attention layers do not fit a UNet with layers_per_block={given}.")
     return given
 
 
