@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_subject_images
+from safetensors.torch import load_file
 
 from db_adapters import InputError, load_adapter, personalize, unload_adapter
 from db_adapters.adapter import embeddings_path
@@ -67,13 +68,18 @@ def test_diffusers_users_load_the_lora_and_the_embeddings_with_plain_diffusers(t
 
     plain = tiny_pipeline()
     plain.load_lora_weights(path)  # the token rows ride along under keys diffusers skips
-    plain.load_textual_inversion(embeddings_path(path), token=adapter.tokens)
+    rows = load_file(embeddings_path(path))["emb_params"]
+    plain.load_textual_inversion(rows, token=adapter.tokens)  # one token per vector, as diffusers documents
     assert torch.allclose(render(plain, adapter.instance_prompt), expected, atol=1e-4)
+
+    # A1111's way: the file is one embedding of two vectors under one name, which expands to both in a prompt.
+    named = tiny_pipeline()
+    named.load_lora_weights(path)
+    named.load_textual_inversion(embeddings_path(path), token="<my-dog>")
+    assert torch.allclose(render(named, "a <my-dog> dog"), expected, atol=1e-4)
 
 
 def test_sdxl_embedding_file_holds_clip_l_and_clip_g_as_a1111_reads_them(tmp_path):
-    from safetensors.torch import load_file
-
     pipe = tiny_pipeline_of("sdxl")
     adapter = personalize(pipe, make_subject_images(), "dog", pivotal_tokens=2, **QUICK)
     path = adapter.save(tmp_path / "dog.safetensors")

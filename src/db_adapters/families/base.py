@@ -217,7 +217,21 @@ class Family(ABC):
     def architecture_fingerprint(cls, pipe: Any) -> str:
         """A hash of the trainable components' parameter names and shapes (adapter layers excluded)."""
         shapes = {name: base_module_shapes(getattr(pipe, name)) for name in cls.components()}
+        for component, tokenizer in zip(cls.text_encoders, cls.tokenizers, strict=True):
+            if component in shapes:
+                _without_added_tokens(shapes[component], getattr(pipe, component), getattr(pipe, tokenizer))
         return hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _without_added_tokens(shapes: dict[str, list[int]], encoder: Any, tokenizer: Any) -> None:
+    """Count the embedding table's rows without tokens added to the vocabulary (textual inversions, pivotal
+    tuning's): they grow the table but are not the architecture an adapter was trained on."""
+    added = len(tokenizer) - tokenizer.vocab_size
+    table = encoder.get_input_embeddings()
+    names = [f"{name}.weight" for name, module in encoder.named_modules() if module is table]
+    for name in names:
+        if added > 0 and name in shapes:
+            shapes[name] = [shapes[name][0] - added, *shapes[name][1:]]
 
 
 def base_module_shapes(module: torch.nn.Module) -> dict[str, list[int]]:

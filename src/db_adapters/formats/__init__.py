@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import AdapterError, InputError
+from ..pivotal import KEY_PREFIX as TOKEN_KEY_PREFIX
 
 if TYPE_CHECKING:
     import torch
@@ -180,7 +181,9 @@ def write_converted(
         check_convertible(info["strategy"], _family(info), format)
     except AdapterError as error:
         raise AdapterError(f"{str(name)!r}: {error}") from None
-    tensors = read_weights(source)
+    # Pivotal tuning's token rows stay out: kohya and peft files hold layers, and A1111, ComfyUI and diffusers
+    # read the tokens from the embedding file `Adapter.save` writes beside the adapter (name_emb.safetensors).
+    tensors = {key: t for key, t in read_weights(source).items() if not key.startswith(TOKEN_KEY_PREFIX)}
     family = _family(info)
     if family is not None:
         try:
