@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import fixed_instance_loss, render_np
+from conftest import fixed_instance_loss, make_subject_images, render_np
 
 from db_adapters import AdapterError, InputError, personalize, unload_adapter
 from db_adapters.data import image_batch
@@ -371,3 +371,12 @@ def test_unsupported_pipeline_is_named():
     pipe = StableDiffusionImg2ImgPipeline(**tiny_components())
     with pytest.raises(InputError, match="StableDiffusionImg2ImgPipeline is not supported"):
         personalize(pipe, [], "dog")
+
+
+def test_progress_in_a_log_is_a_few_whole_lines(capsys, fast):
+    """stderr is not a terminal under pytest: one line every ~5% of the steps, no carriage-return redraws."""
+    personalize(tiny_pipeline(), make_subject_images(), "dog", **{**fast, "steps": 40, "progress": True})
+    lines = capsys.readouterr().err.splitlines()
+    steps = [line for line in lines if line.startswith("personalize ")]
+    assert len(steps) == 20 and steps[-1].startswith("personalize 40/40 (100%) loss=")
+    assert "it/s ETA" in steps[0] and not any("\r" in line for line in steps)

@@ -494,11 +494,6 @@ def _count(shapes: dict[str, list]) -> str:
 
 
 def _progress_bar(config: TrainConfig, accelerator: Any) -> Any:
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
-    return tqdm(
-        total=config.steps,
-        desc="personalize",
-        disable=not config.progress or not accelerator.is_local_main_process,
-        dynamic_ncols=True,
-    )
+    return progress_bar(config.steps, enabled=config.progress and accelerator.is_local_main_process)
