@@ -7,7 +7,7 @@ import torch
 from conftest import make_subject_images
 from safetensors.torch import load_file
 
-from db_adapters import InputError, load_adapter, personalize, unload_adapter
+from db_adapters import AdapterError, InputError, load_adapter, personalize, unload_adapter
 from db_adapters.adapter import embeddings_path
 from db_adapters.families import family_of
 from db_adapters.pivotal import TokenEmbeddings, token_encoders, tokenizer_and_encoder
@@ -150,3 +150,23 @@ def test_a_failed_run_takes_the_tokens_out_again():
 def test_contradictory_pivotal_settings_are_refused(settings, message):
     with pytest.raises(InputError, match=message):
         personalize(tiny_pipeline(), make_subject_images(), "dog", **{**QUICK, **settings})
+
+
+def test_a_kohya_export_carries_its_embeddings_file_and_generates_the_same(tmp_path):
+    from db_adapters.adapter import load_for_generation
+    from db_adapters.formats import export_adapter
+
+    pipe = tiny_pipeline()
+    adapter = personalize(pipe, make_subject_images(), "dog", pivotal_tokens=2, **QUICK)
+    path = adapter.save(tmp_path / "dog.safetensors")
+    expected = render(pipe, adapter.instance_prompt)
+    exported = export_adapter(path, tmp_path / "dog_kohya.safetensors", "kohya")
+    assert sorted(load_file(embeddings_path(exported))) == ["emb_params"]
+
+    other = tiny_pipeline()
+    assert load_for_generation(other, exported) == "<s0><s1>"
+    assert torch.allclose(render(other, adapter.instance_prompt), expected, atol=1e-4)
+
+    embeddings_path(exported).unlink()
+    with pytest.raises(AdapterError, match="dog_kohya_emb.safetensors, which is not beside it"):
+        load_for_generation(tiny_pipeline(), exported)

@@ -384,11 +384,39 @@ def load_for_generation(pipe: DiffusionPipeline, path: str | os.PathLike) -> str
         )
     refuse_if_adapted(pipe)
     check_base_model(pipe, family_of(pipe), info, path)
+    rows = _export_embeddings(pipe, info, path)
     try:
         pipe.load_lora_weights(str(path))
     except (ValueError, KeyError, RuntimeError) as error:
         raise AdapterError(f"{str(path)!r}: diffusers' kohya reader could not load it ({error}).") from None
+    if rows:
+        from .pivotal import load_tokens
+
+        try:
+            load_tokens(pipe, family_of(pipe), info["new_tokens"], rows)
+        except BaseException:
+            pipe.unload_lora_weights()
+            raise
     return info["identifier"]
+
+
+def _export_embeddings(pipe: Any, info: dict[str, Any], path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A pivotal-tuning export's token rows, from the embedding file written beside it (empty without tokens)."""
+    from .pivotal import rows_from_embedding_file
+    from .safe_reading import read_weights
+
+    if not info.get("new_tokens"):
+        return {}
+    embeddings = embeddings_path(path)
+    if not embeddings.is_file():
+        raise AdapterError(
+            f"{str(path)!r} was trained with pivotal tuning; its token embeddings are in {embeddings.name}, which is "
+            "not beside it. Put it there, or generate from the db-adapters file."
+        )
+    try:
+        return rows_from_embedding_file(family_of(pipe), read_weights(embeddings))
+    except AdapterError as error:
+        raise AdapterError(f"{str(embeddings)!r}: {error}") from None
 
 
 def _strategy_of(info: dict[str, Any], path: str | os.PathLike) -> Strategy:

@@ -246,6 +246,7 @@ def train(
     **settings: Any,
 ) -> None:
     """Personalize a pipeline on a folder of subject photos and save the adapter."""
+    from .adapter import embeddings_path
     from .adapter_file import check_output_path
     from .api import personalize
     from .binder import validate_class_noun
@@ -271,6 +272,8 @@ def train(
     if not processes(pipe.device).is_main:
         return  # under torchrun / accelerate launch the main process wrote the file and reports it
     click.echo(f"saved {output_path} ({output_path.stat().st_size / 1e6:.2f} MB)")
+    if adapter.tokens:
+        click.echo(f"saved {embeddings_path(output_path)} (the new tokens' embeddings, for A1111 and ComfyUI)")
     for subject in adapter.subjects:
         click.echo(f'identifier: {subject["identifier"]}   try: --prompt "{subject["instance_prompt"]} on the beach"')
 
@@ -416,10 +419,13 @@ def inspect(adapter_path: str) -> None:
 @friendly_errors
 def export(adapter_path: str, file_format: str, output: str) -> None:
     """Convert an adapter file to the format another tool loads."""
+    from .adapter import embeddings_path
     from .formats import export_adapter
 
     path = export_adapter(adapter_path, output, file_format)
     click.echo(f"wrote {path} ({file_format} format, {path.stat().st_size / 1e6:.2f} MB)")
+    if file_format != "diffusers" and embeddings_path(path).is_file():
+        click.echo(f"wrote {embeddings_path(path)} (the new tokens' embeddings, for A1111 and ComfyUI)")
 
 
 @main.command()

@@ -317,3 +317,19 @@ def renamed(text: str, mapping: Mapping[str, str]) -> str:
         return text
     pattern = re.compile("|".join(re.escape(token) for token in sorted(mapping, key=len, reverse=True)))
     return pattern.sub(lambda match: mapping[match.group(0)], text)
+
+
+def rows_from_embedding_file(family: type[Family], tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of `embedding_file_tensors`: an embedding file's tensors as rows per encoder component.
+
+    Example:
+        >>> import torch
+        >>> from db_adapters.families import get_family
+        >>> list(rows_from_embedding_file(get_family("sd"), {"emb_params": torch.zeros(2, 4)}))
+        ['text_encoder']
+    """
+    names = EMBEDDING_FILE_KEYS.get(family.name, CLIP_KEYS)
+    wanted = {names[component]: component for component in token_encoders(family)}
+    if set(tensors) != set(wanted):
+        raise AdapterError(f"an embedding file for {family.title} holds {sorted(wanted)}; this one {sorted(tensors)}.")
+    return {component: tensors[name] for name, component in wanted.items()}

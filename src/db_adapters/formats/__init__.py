@@ -183,7 +183,8 @@ def write_converted(
         raise AdapterError(f"{str(name)!r}: {error}") from None
     # Pivotal tuning's token rows stay out: kohya and peft files hold layers, and A1111, ComfyUI and diffusers
     # read the tokens from the embedding file `Adapter.save` writes beside the adapter (name_emb.safetensors).
-    tensors = {key: t for key, t in read_weights(source).items() if not key.startswith(TOKEN_KEY_PREFIX)}
+    every = read_weights(source)
+    tensors = {key: t for key, t in every.items() if not key.startswith(TOKEN_KEY_PREFIX)}
     family = _family(info)
     if family is not None:
         try:
@@ -202,7 +203,21 @@ def write_converted(
         )
     except AdapterError as error:
         raise AdapterError(f"{str(name)!r}: {error}") from None
-    return save_tensors(output, converted, metadata)
+    written = save_tensors(output, converted, metadata)
+    if info.get("new_tokens") and format != "diffusers":
+        _write_embeddings(every, output, family)
+    return written
+
+
+def _write_embeddings(tensors: Mapping[str, torch.Tensor], output: Path, family: str | None) -> Path:
+    """Pivotal tuning's token rows beside an export, as the textual-inversion file A1111 and ComfyUI read."""
+    from ..adapter import embeddings_path
+    from ..families import get_family
+    from ..files import save_tensors
+    from ..pivotal import embedding_file_tensors, rows_in_file
+
+    spec = get_family(family or "")
+    return save_tensors(embeddings_path(output), embedding_file_tensors(spec, rows_in_file(tensors)), {})
 
 
 @functools.cache
