@@ -318,6 +318,30 @@ def test_8bit_adam_state_is_uint8():
     assert state["state1"].dtype == torch.uint8 and state["state2"].dtype == torch.uint8
 
 
+def test_fused_adamw_is_chosen_only_for_floating_cuda_tensors():
+    from types import SimpleNamespace
+
+    from db_adapters.trainer import fused_adamw_suits
+
+    def on(device: str, dtype: torch.dtype = torch.float32) -> SimpleNamespace:  # a CPU-only stand-in for a tensor
+        return SimpleNamespace(device=torch.device(device), dtype=dtype)
+
+    assert fused_adamw_suits([on("cuda"), on("cuda:1", torch.bfloat16)])
+    assert not fused_adamw_suits([on("cuda"), on("cpu")])  # one tensor off the GPU: torch's own choice
+    assert not fused_adamw_suits([on("cuda", torch.int8)])
+    assert not fused_adamw_suits([on("cpu")])
+    assert not fused_adamw_suits([])
+
+
+def test_cpu_training_keeps_torch_default_adamw():
+    from db_adapters.config import TrainConfig
+    from db_adapters.trainer import make_optimizer
+
+    layer = torch.nn.Linear(4, 4)
+    optimizer = make_optimizer([{"params": list(layer.parameters()), "lr": 1e-3}], TrainConfig())
+    assert isinstance(optimizer, torch.optim.AdamW) and not optimizer.param_groups[0]["fused"]
+
+
 def test_8bit_adam_trains_the_tiny_pipeline(subject_images, tmp_path, monkeypatch):
     from db_adapters import trainer
 
