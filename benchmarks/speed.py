@@ -350,7 +350,12 @@ def profile(args: argparse.Namespace) -> str:
         with torch_profile(activities=activities) as prof:
             result = original(*a, **k)
         sort = "self_cuda_time_total" if args.device.startswith("cuda") else "self_cpu_time_total"
-        tables.append(prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=40))
+        averages = prof.key_averages()
+        tables.append(averages.table(sort_by=sort, row_limit=15, max_name_column_width=40))
+        counts = {e.key: e.count for e in averages}
+        # Host syncs (`.item()`, `float(tensor)`, `.tolist()`) and tensor copies, per training step.
+        per_step = {name: counts.get(name, 0) / args.steps for name in ("aten::_local_scalar_dense", "aten::copy_")}
+        tables.append("per step: " + ", ".join(f"{name} {count:.1f}" for name, count in per_step.items()))
         return result
 
     api._train = profiled_train
@@ -359,7 +364,7 @@ def profile(args: argparse.Namespace) -> str:
             run_ours(args, pipe, Clock(), Path(work))
     finally:
         api._train = original
-    return tables[0]
+    return "\n".join(tables)
 
 
 def compare(args: argparse.Namespace) -> dict[str, dict]:

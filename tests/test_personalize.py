@@ -404,3 +404,30 @@ def test_progress_in_a_log_is_a_few_whole_lines(capsys, fast):
     steps = [line for line in lines if line.startswith("personalize ")]
     assert len(steps) == 20 and steps[-1].startswith("personalize 40/40 (100%) loss=")
     assert "it/s ETA" in steps[0] and not any("\r" in line for line in steps)
+
+
+def test_compile_trains_through_the_compiled_denoiser(subject_images, tmp_path, monkeypatch):
+    compiled = []
+    real_compile = torch.compile
+
+    def recording_compile(module, **kwargs):
+        compiled.append(module)
+        # aot_eager traces the UNet with its LoRA layers and the backward as inductor would, without the C++ build.
+        return real_compile(module, backend="aot_eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    pipe = tiny_pipeline()
+    adapter = personalize(
+        pipe,
+        subject_images,
+        "dog",
+        compile=True,
+        steps=3,
+        num_class_images=2,
+        class_inference_steps=2,
+        progress=False,
+        output_dir=tmp_path,
+    )
+    assert [m for m in compiled if isinstance(m, torch.nn.Module)] == [pipe.unet]  # (libraries compile functions)
+    assert len(adapter.history) == 3 and all(math.isfinite(h["loss"]) for h in adapter.history)
+    assert type(pipe.unet).__name__ == "UNet2DConditionModel"  # the pipeline keeps its own, uncompiled module

@@ -270,6 +270,8 @@ class Trainer:
         self._accelerator, self._optimizer, self._lr_scheduler = accelerator, optimizer, lr_scheduler
         self._seed = rank_seed(config.seed, accelerator.process_index)
         self._models = dict(zip(components, models, strict=True))
+        if config.compile and self.family.denoiser in self._models:
+            self._models[self.family.denoiser] = _compiled(self._models[self.family.denoiser])
         self._data_streams()
         progress = _progress_bar(config, accelerator)
         try:
@@ -508,6 +510,17 @@ def _loss_values(terms: Any) -> torch.Tensor:
 
     prior = terms.prior if terms.prior is not None else torch.zeros_like(terms.instance)
     return torch.stack([terms.total, terms.instance, prior]).detach().float()
+
+
+def _compiled(denoiser: torch.nn.Module) -> Any:
+    """`denoiser` called through torch.compile, for the training steps only.
+
+    A wrapper, not `module.compile()`: the pipeline's own module stays uncompiled for previews, for
+    `unwrap_model` and after the run; both share the same parameters.
+    """
+    import torch
+
+    return torch.compile(denoiser)
 
 
 def _cuda_devices(device: torch.device) -> list[int]:
