@@ -162,6 +162,7 @@ class Clock:
     def __init__(self) -> None:
         self.phases: dict[str, float] = {}
         self.step_times: list[float] = []
+        self.peak_by: dict[str, float] = {}
 
     def timed(self, name: str, function):
         def wrapper(*args, **kwargs):
@@ -170,6 +171,7 @@ class Clock:
                 return function(*args, **kwargs)
             finally:
                 self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - start
+                self.peak_by[name] = _peak_rss_mb()  # the process's peak so far: where it grows
 
         return wrapper
 
@@ -238,6 +240,7 @@ def run_reference(args: argparse.Namespace, pipe, clock: Clock, work: Path) -> N
             guidance_scale=7.5,
         )
     clock.phases["class_images_s"] = time.perf_counter() - start
+    clock.peak_by["class_images_s"] = _peak_rss_mb()
     clock.phases["encoding_s"] = 0.0  # the reference encodes inside every step
 
     start = time.perf_counter()
@@ -292,6 +295,7 @@ def run_reference(args: argparse.Namespace, pipe, clock: Clock, work: Path) -> N
         _ = loss.detach().item()  # the example logs it on the progress bar every step
         clock.step()
     clock.phases["training_s"] = time.perf_counter() - start
+    clock.peak_by["training_s"] = _peak_rss_mb()
 
     start = time.perf_counter()
     StableDiffusionPipeline.save_lora_weights(work, unet_lora_layers=get_peft_model_state_dict(unet))
@@ -320,6 +324,8 @@ def measure(args: argparse.Namespace) -> dict:
     figures["step_s"] = clock.step_s()
     figures["steps_per_s"] = 1.0 / figures["step_s"]
     figures["peak_rss_mb"] = _peak_rss_mb()
+    for phase in ("class_images_s", "training_s"):  # the peak RSS reached by the end of each
+        figures[f"rss_mb_by_{phase.removesuffix('_s')}"] = clock.peak_by.get(phase, float("nan"))
     if args.device.startswith("cuda"):
         figures["peak_vram_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return figures
