@@ -318,6 +318,30 @@ def test_8bit_adam_state_is_uint8():
     assert state["state1"].dtype == torch.uint8 and state["state2"].dtype == torch.uint8
 
 
+def test_fused_adamw_is_chosen_only_for_floating_cuda_tensors():
+    from types import SimpleNamespace
+
+    from db_adapters.trainer import fused_adamw_suits
+
+    def on(device: str, dtype: torch.dtype = torch.float32) -> SimpleNamespace:  # a CPU-only stand-in for a tensor
+        return SimpleNamespace(device=torch.device(device), dtype=dtype)
+
+    assert fused_adamw_suits([on("cuda"), on("cuda:1", torch.bfloat16)])
+    assert not fused_adamw_suits([on("cuda"), on("cpu")])  # one tensor off the GPU: torch's own choice
+    assert not fused_adamw_suits([on("cuda", torch.int8)])
+    assert not fused_adamw_suits([on("cpu")])
+    assert not fused_adamw_suits([])
+
+
+def test_cpu_training_keeps_torch_default_adamw():
+    from db_adapters.config import TrainConfig
+    from db_adapters.trainer import make_optimizer
+
+    layer = torch.nn.Linear(4, 4)
+    optimizer = make_optimizer([{"params": list(layer.parameters()), "lr": 1e-3}], TrainConfig())
+    assert isinstance(optimizer, torch.optim.AdamW) and not optimizer.param_groups[0]["fused"]
+
+
 def test_8bit_adam_trains_the_tiny_pipeline(subject_images, tmp_path, monkeypatch):
     from db_adapters import trainer
 
@@ -380,3 +404,30 @@ def test_progress_in_a_log_is_a_few_whole_lines(capsys, fast):
     steps = [line for line in lines if line.startswith("personalize ")]
     assert len(steps) == 20 and steps[-1].startswith("personalize 40/40 (100%) loss=")
     assert "it/s ETA" in steps[0] and not any("\r" in line for line in steps)
+
+
+def test_compile_trains_through_the_compiled_denoiser(subject_images, tmp_path, monkeypatch):
+    compiled = []
+    real_compile = torch.compile
+
+    def recording_compile(module, **kwargs):
+        compiled.append(module)
+        # aot_eager traces the UNet with its LoRA layers and the backward as inductor would, without the C++ build.
+        return real_compile(module, backend="aot_eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    pipe = tiny_pipeline()
+    adapter = personalize(
+        pipe,
+        subject_images,
+        "dog",
+        compile=True,
+        steps=3,
+        num_class_images=2,
+        class_inference_steps=2,
+        progress=False,
+        output_dir=tmp_path,
+    )
+    assert [m for m in compiled if isinstance(m, torch.nn.Module)] == [pipe.unet]  # (libraries compile functions)
+    assert len(adapter.history) == 3 and all(math.isfinite(h["loss"]) for h in adapter.history)
+    assert type(pipe.unet).__name__ == "UNet2DConditionModel"  # the pipeline keeps its own, uncompiled module

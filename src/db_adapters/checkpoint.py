@@ -49,6 +49,7 @@ NOT_IN_FINGERPRINT = frozenset(
         "output_dir",
         "class_image_dir",
         "progress",
+        "compile",  # how the same steps are computed; a run may resume with it switched on or off
         "checkpoint_every",
         "keep_checkpoints",
         "resume",

@@ -137,6 +137,9 @@ class TrainConfig:
     adam_weight_decay: float = setting(1e-2, "AdamW weight decay.")
     adam_epsilon: float = setting(1e-8, "AdamW epsilon.", cli=False)
     gradient_checkpointing: bool = setting(False, "Recompute activations in the backward pass: less memory, slower.")
+    compile: bool = setting(
+        False, "torch.compile the denoiser for training: faster steps on CUDA after a slow first one (compiling)."
+    )
     lr_scheduler: str = setting("constant", "Learning-rate schedule.", choices=LR_SCHEDULERS)
     lr_warmup_steps: int = setting(0, "Warmup steps of the learning-rate schedule.")
     max_grad_norm: float = setting(1.0, "Gradient clipping norm.")

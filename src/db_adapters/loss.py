@@ -40,7 +40,8 @@ class LossHalf:
     Args:
         prediction: Model output, shape (B, C, H, W).
         target: What the model should have output (noise, velocity, or the flow), same shape as `prediction`.
-        timesteps: The noise level of each sample, shape (B,): integer DDPM timesteps, or flow-matching sigmas.
+        timesteps: The noise level of each sample, shape (B,): integer DDPM timesteps, or flow-matching sigmas;
+            on the prediction's device or on the CPU.
 
     Example:
         >>> import torch
@@ -113,7 +114,8 @@ class HalfWeightedLoss:
         # float32 even under fp16/bf16 autocast: squared errors of small residuals underflow in fp16.
         error = half.prediction.float() - half.target.float()
         per_sample = error.pow(2).reshape(error.shape[0], -1).mean(dim=1)
-        return (per_sample * self.timestep_weights(half.timesteps)).mean()
+        # The noise levels may stay on the CPU (the trainer keeps them there: no device sync for the weights).
+        return (per_sample * self.timestep_weights(half.timesteps).to(per_sample.device)).mean()
 
     def __call__(self, instance: LossHalf, prior: LossHalf | None = None) -> LossTerms:
         """Compute instance + prior_loss_weight * prior, each half weighted by its own noise levels.

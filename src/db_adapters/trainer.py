@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("db_adapters")
 
 StepCallback = Callable[[int, dict[str, float]], None]
+LOSS_NAMES = ("loss", "instance", "prior")
 
 
 @dataclass
@@ -72,7 +73,7 @@ class HalfBatch:
         return HalfBatch(
             noisy=move(self.noisy),
             timesteps=self.timesteps.to(device),
-            target=self.target,
+            target=self.target.to(device),  # float32 whatever the denoiser's dtype: the loss is computed in it
             conditioning={key: move(value) for key, value in self.conditioning.items()},
         )
 
@@ -160,7 +161,7 @@ def _make_accelerator(config: TrainConfig, device: torch.device) -> Any:
 
 
 def make_optimizer(groups: list[dict[str, Any]], config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW, or bitsandbytes' 8-bit AdamW with `use_8bit_adam` (its states are uint8)."""
+    """AdamW (fused when every trainable tensor is on CUDA), or bitsandbytes' 8-bit AdamW with `use_8bit_adam`."""
     import torch
 
     kwargs = {
@@ -172,7 +173,26 @@ def make_optimizer(groups: list[dict[str, Any]], config: TrainConfig) -> torch.o
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(groups, min_8bit_size=config.adam_min_8bit_size, **kwargs)
-    return torch.optim.AdamW(groups, **kwargs)
+    parameters = [p for group in groups for p in group["params"]]
+    # None leaves the choice to torch (foreach on CUDA, a for-loop on the CPU).
+    return torch.optim.AdamW(groups, fused=True if fused_adamw_suits(parameters) else None, **kwargs)
+
+
+def fused_adamw_suits(parameters: Sequence[torch.Tensor]) -> bool:
+    """Whether torch's fused AdamW (one kernel for every tensor) can update `parameters`: all floating, on CUDA.
+
+    Args:
+        parameters (`Sequence[torch.Tensor]`): the trainable tensors.
+
+    Example:
+        >>> import torch
+        >>> fused_adamw_suits([torch.nn.Parameter(torch.zeros(2))])  # on the CPU: torch's default AdamW
+        False
+    """
+    import torch
+
+    floating = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    return bool(parameters) and all(p.device.type == "cuda" and p.dtype in floating for p in parameters)
 
 
 @contextmanager
@@ -250,6 +270,8 @@ class Trainer:
         self._accelerator, self._optimizer, self._lr_scheduler = accelerator, optimizer, lr_scheduler
         self._seed = rank_seed(config.seed, accelerator.process_index)
         self._models = dict(zip(components, models, strict=True))
+        if config.compile and self.family.denoiser in self._models:
+            self._models[self.family.denoiser] = _compiled(self._models[self.family.denoiser])
         self._data_streams()
         progress = _progress_bar(config, accelerator)
         try:
@@ -390,33 +412,42 @@ class Trainer:
             )
 
     def _optimiser_step(self, accelerator, models, optimizer, lr_scheduler, trainable, step: int) -> dict[str, float]:
-        sums = {"loss": 0.0, "instance": 0.0, "prior": 0.0}
+        # The losses stay on the device until the optimiser is about to change the weights: one host
+        # sync per optimiser step (not one per `.item()` per micro-step), after backward was queued.
+        unchecked: list[torch.Tensor] = []
+        checked: list[list[float]] = []
         for _ in range(self.config.gradient_accumulation_steps):
             with accelerator.accumulate(*models):
                 terms = self._loss_terms(accelerator)
-                self._check_finite(terms, step)
                 accelerator.backward(terms.total)
+                unchecked.append(_loss_values(terms))
                 if accelerator.sync_gradients:
+                    checked += self._checked(unchecked, step)
+                    unchecked = []
                     accelerator.clip_grad_norm_(trainable, self.config.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            sums["loss"] += terms.total.item()
-            sums["instance"] += terms.instance.item()
-            if terms.prior is not None:
-                sums["prior"] += terms.prior.item()
-        n = self.config.gradient_accumulation_steps
-        logs = {k: v / n for k, v in sums.items()}
+        checked += self._checked(unchecked, step)
+        logs = {name: sum(row[i] for row in checked) / len(checked) for i, name in enumerate(LOSS_NAMES)}
         if self.data.prior is None:
             logs.pop("prior")
         logs["lr"] = float(lr_scheduler.get_last_lr()[0])
         return logs
 
-    def _check_finite(self, terms, step: int) -> None:
-        # Checked before backward: the weights (and any checkpoint) are still those of the last good step.
-        for name, value in (("instance", terms.instance), ("prior", terms.prior)):
-            if value is not None and not math.isfinite(float(value.detach())):
-                raise TrainingError(self._non_finite_message(name, float(value.detach()), step))
+    def _checked(self, values: list[torch.Tensor], step: int) -> list[list[float]]:
+        """The micro-steps' (total, instance, prior) losses as floats, in one host sync; a non-finite one raises.
+
+        Called before `optimizer.step()`: the weights (and any checkpoint) are still those of the last good step.
+        """
+        import torch
+
+        rows = torch.stack(values).tolist() if values else []
+        for row in rows:
+            for name, value in zip(LOSS_NAMES[1:], row[1:], strict=True):
+                if not math.isfinite(value):
+                    raise TrainingError(self._non_finite_message(name, value, step))
+        return rows
 
     def _non_finite_message(self, term: str, value: float, step: int) -> str:
         config = self.config
@@ -461,17 +492,35 @@ class Trainer:
         halves = [self._half_batch(self.data.instance, self._instances)]
         if self.data.prior is not None:
             halves.append(self._half_batch(self.data.prior, self._priors))
-        both = HalfBatch.concatenate(halves).to(self.device, getattr(self.pipe, self.family.denoiser).dtype)
+        both = HalfBatch.concatenate(halves)  # drawn on the CPU generator: one copy of each tensor to the device
+        inputs = both.to(self.device, getattr(self.pipe, self.family.denoiser).dtype)
         with accelerator.autocast():
             prediction = self.family.predict(
-                self._models[self.family.denoiser], both.noisy, both.timesteps, both.conditioning
+                self._models[self.family.denoiser], inputs.noisy, inputs.timesteps, inputs.conditioning
             )
-        parts = prediction.split(self.config.batch_size)
-        losses = [
-            LossHalf(part, half.target.to(self.device), half.timesteps.to(self.device))
-            for part, half in zip(parts, halves, strict=True)
-        ]
-        return self.loss(*losses)
+        batch = self.config.batch_size
+        # The loss gets the CPU copy of the noise levels: its weights and range check need no device sync.
+        parts = zip(prediction.split(batch), inputs.target.split(batch), both.timesteps.split(batch), strict=True)
+        return self.loss(*(LossHalf(part, target, levels) for part, target, levels in parts))
+
+
+def _loss_values(terms: Any) -> torch.Tensor:
+    """(total, instance, prior) of one micro-step, detached, on the device (prior 0 without prior preservation)."""
+    import torch
+
+    prior = terms.prior if terms.prior is not None else torch.zeros_like(terms.instance)
+    return torch.stack([terms.total, terms.instance, prior]).detach().float()
+
+
+def _compiled(denoiser: torch.nn.Module) -> Any:
+    """`denoiser` called through torch.compile, for the training steps only.
+
+    A wrapper, not `module.compile()`: the pipeline's own module stays uncompiled for previews, for
+    `unwrap_model` and after the run; both share the same parameters.
+    """
+    import torch
+
+    return torch.compile(denoiser)
 
 
 def _cuda_devices(device: torch.device) -> list[int]:
