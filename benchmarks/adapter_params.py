@@ -23,10 +23,11 @@ from db_adapters.toy.benchmark import CONFIGS, RunPlan
 REFERENCE = "lora"
 TRAINED_SETTINGS = [name for name in CONFIGS if CONFIGS[name].get("train", True)]
 # Every toy UNet layer adapted is 64 x 64, so these cover each kind's sizes around LoRA rank 4's.
-# (LoKr decompose_factor 1 is left out: a 1 x 1 first factor makes it LoRA times a scalar.)
+# LoKr decompose_factor 1 comes closest but is not chosen: a 1 x 1 first factor makes it LoRA times a scalar.
 CANDIDATES = {
     "loha": [{"rank": r} for r in (1, 2, 3)],
-    "lokr": [{"rank": r, "decompose_factor": f} for f in (-1, 2, 4, 16) for r in (4, 8, 16)],
+    "lokr": [{"rank": 4, "decompose_factor": 1}]
+    + [{"rank": r, "decompose_factor": f} for f in (-1, 2, 4, 16) for r in (4, 8, 16)],
     "oft": [{"block_size": b} for b in (4, 8, 16, 32)],
 }
 
