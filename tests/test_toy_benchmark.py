@@ -87,6 +87,27 @@ def test_plans_cover_the_issue_ablations_and_reject_unknown_names():
         RunPlan.from_config("lora", "nope")
 
 
+def test_adapter_kind_settings_train_about_as_many_parameters_as_lora_rank_4():
+    from db_adapters.families import family_of
+    from db_adapters.strategies import get_strategy
+    from db_adapters.toy import load_base_pipeline
+
+    pipe = load_base_pipeline()
+
+    def trainable(setting: str) -> int:
+        plan = RunPlan.from_config(setting, "star_box")
+        strategy = get_strategy(plan.strategy)(**plan.strategy_options)
+        strategy.apply(pipe, family_of(pipe), train_text_encoder=False)
+        count = sum(p.numel() for params in strategy.trainable_parameters(pipe).values() for p in params)
+        strategy.remove(pipe)
+        return count
+
+    lora = trainable("lora")
+    counts = {kind: trainable(kind) for kind in ("dora", "loha", "lokr", "oft")}
+    assert {RunPlan.from_config(kind, "star_box").strategy for kind in counts} == set(counts)
+    assert all(abs(count - lora) <= 0.15 * lora for count in counts.values()), (lora, counts)
+
+
 def test_protocol_digest_changes_with_the_protocol():
     assert Protocol().digest() == PROTOCOL.digest()
     assert Protocol(identity_samples=3).digest() != PROTOCOL.digest()

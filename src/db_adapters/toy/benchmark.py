@@ -72,6 +72,9 @@ PROTOCOL = Protocol()
 # Each setting changes one thing from "lora" (the default: LoRA rank 4, prior preservation, the
 # binder's identifier, the toy model's recommended 300 steps). The class-noun ablation runs without
 # prior preservation, as "a [V]" alone has no class prompt to preserve: it is read against "lora-noppl".
+# The adapter kinds (the last four) change the strategy, sized to LoRA rank 4's 28,672 trainable
+# parameters on the toy UNet (`benchmarks/adapter_params.py` counts them); like every setting but
+# "full" they leave the learning rate to the toy model's recommendation (1e-3).
 CONFIGS: dict[str, dict[str, Any]] = {
     "base": {"train": False},
     "lora": {},
@@ -88,7 +91,13 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "steps-600": {"steps": 600},
     "steps-1000": {"steps": 1000},
     "full-noppl": {"strategy": "full", "prior_preservation": False},
+    "dora": {"strategy": "dora"},  # rank 4 and a magnitude vector per adapted layer: 32,256
+    "loha": {"strategy": "loha", "rank": 2},  # two rank-2 pairs per layer: 28,672
+    "lokr": {"strategy": "lokr", "rank": 8, "decompose_factor": 2},  # 2x2 (x) rank-8 32x32: 28,896
+    "oft": {"strategy": "oft", "block_size": 16},  # 4 blocks of 16x16 per layer: 26,880
 }
+# The keys of a setting that are strategy options rather than `RunPlan` fields.
+STRATEGY_OPTION_KEYS = ("rank", "decompose_factor", "block_size")
 
 
 # ---------------------------------------------------------------------------------------------------- scores
@@ -223,7 +232,7 @@ class RunPlan:
         if subject not in SUBJECTS:
             raise InputError(f"unknown subject {subject!r}; choose from {', '.join(SUBJECTS)}.")
         config = dict(CONFIGS[setting])
-        options = {key: config.pop(key) for key in ("rank",) if key in config}
+        options = {key: config.pop(key) for key in STRATEGY_OPTION_KEYS if key in config}
         return cls(setting, subject, strategy_options=options, **config)
 
 
