@@ -20,7 +20,6 @@ from ..files import save_tensors
 from ..safe_reading import read_file_metadata, read_tensors
 from . import register_strategy
 from .peft_adapters import (
-    ADAPTER_NAME,
     PeftAdapter,
     alpha_setting,
     check_positive_int,
@@ -73,6 +72,7 @@ class Lora(PeftAdapter):
     Options = LoraOptions
     default_learning_rate = 1e-4  # diffusers' LoRA DreamBooth README
     marker = ".lora_"
+    mix_group = "lora"  # LoRA and DoRA adapters share peft's LoRA layers, each scaled on its own
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -97,10 +97,8 @@ class Lora(PeftAdapter):
             # is what it would call, and works with the peft releases we support.
             return super().inject(pipe, component)
         # diffusers' own verb, so that its LoRA verbs (set_adapters, unload_lora_weights) know the layers.
-        getattr(pipe, component).add_adapter(self.peft_config(self.targets(component)), adapter_name=ADAPTER_NAME)
-
-    def remove(self, pipe: Any) -> None:
-        pipe.unload_lora_weights()
+        config = self.peft_config(self.targets(component))
+        getattr(pipe, component).add_adapter(config, adapter_name=self.adapter_name)
 
     def save(self, pipe: Any, path: Path, metadata: dict[str, str], dtype: torch.dtype | None) -> None:
         from peft.utils import get_peft_model_state_dict
@@ -108,7 +106,7 @@ class Lora(PeftAdapter):
         layers, configs = {}, {}
         for component in self.components:
             module = getattr(pipe, component)
-            state = get_peft_model_state_dict(module, adapter_name=ADAPTER_NAME)
+            state = get_peft_model_state_dict(module, adapter_name=self.adapter_name)
             if component != self.family.denoiser:
                 state = _text_encoder_keys(state)
             layers[component] = {k: v.to("cpu", dtype) if dtype else v.to("cpu") for k, v in state.items()}
