@@ -2,7 +2,7 @@
 
 The hub ids become folders of the tiny pipelines (whose `db_adapters.json` recommends a few steps
 and class images, as the toy model's does), "cuda" becomes "cpu", and each snippet runs in a fresh
-namespace in a folder that holds `dog/`, the way a reader would run it.
+namespace in a folder that holds `dog/` and `cat/`, the way a reader would run it.
 """
 
 from __future__ import annotations
@@ -42,9 +42,10 @@ def model_folders(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("reader")
-    (folder / "dog").mkdir()
-    for i, image in enumerate(make_subject_images()):
-        image.save(folder / "dog" / f"{i}.png")
+    for subject in ("dog", "cat"):
+        (folder / subject).mkdir()
+        for i, image in enumerate(make_subject_images()):
+            image.save(folder / subject / f"{i}.png")
     return folder
 
 
