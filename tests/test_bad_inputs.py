@@ -32,7 +32,7 @@ from conftest import make_subject_images
 from PIL import Image
 from safetensors import SafetensorError
 
-from db_adapters import AdapterError, InputError, load_adapter, personalize, unload_adapter
+from db_adapters import AdapterError, InputError, load_adapter, personalize, set_adapter_weights, unload_adapter
 from db_adapters.adapter import attached_adapter
 from db_adapters.cli import main
 from db_adapters.testing import tiny_pipeline, tiny_pipeline_of, tiny_sdxl_pipeline
@@ -453,10 +453,18 @@ ROWS = [
         lambda e: load_adapter(e.pipe, e.tmp / "none.safetensors")),
     Row("adapter: a folder", "load_adapter", IsADirectoryError, "is a folder; pass the adapter's",
         lambda e: load_adapter(e.pipe, folder(e, "dog.safetensors"))),
-    Row("adapter: pipeline already carries one", "load_adapter", AdapterError, "already carries the adapter",
-        lambda e: load_adapter(e.trained["pipe"], e.trained["file"])),
+    Row("adapter: name already in use", "load_adapter", AdapterError, "already carries an adapter named 'dreambooth'",
+        lambda e: load_adapter(e.trained["pipe"], e.trained["file"], name="dreambooth")),
+    Row("adapter: name with other characters", "load_adapter", InputError, "use letters, digits, '_' and '-' only",
+        lambda e: load_adapter(e.pipe, e.trained["file"], name="my dog")),
+    Row("weights: no such adapter", "set_adapter_weights", AdapterError, "carries no adapter named 'cat'",
+        lambda e: set_adapter_weights(e.trained["pipe"], {"cat": 0.5})),
+    Row("weights: not a number", "set_adapter_weights", InputError, "give a finite number",
+        lambda e: set_adapter_weights(e.trained["pipe"], {"dreambooth": "strong"})),
     Row("unload: nothing loaded", "unload_adapter", AdapterError, "carries no db-adapters adapter",
         lambda e: unload_adapter(e.pipe)),
+    Row("unload: no such adapter", "unload_adapter", AdapterError, "carries no adapter named 'cat'",
+        lambda e: unload_adapter(e.trained["pipe"], "cat")),
     Row("toy demo: unknown subject", "run_demo", InputError, "unknown subject 'unicorn'", run_demo),
     # The command line.
     Row("train: --images not given", "db-adapt train", InputError, "give --images and --class-noun",
@@ -513,6 +521,8 @@ ROWS = [
         lambda e: cli_generate(e, "--num-images", "0")),
     Row("generate: {id} without --adapter", "db-adapt generate", InputError, 'uses "{id}" but no --adapter',
         lambda e: cli_generate(e)),
+    Row("generate: --weight count", "db-adapt generate", InputError, "give one --weight per --adapter",
+        lambda e: cli_generate(e, "--weight", "0.5")),
     Row("generate: --adapter a pickle", "db-adapt generate", AdapterError, "loads only safetensors",
         lambda e: cli_generate(e, "--adapter", str(adapter_file(e, "dog.bin", b"\x80\x04pickle")))),
     Row("generate: --adapter for another architecture", "db-adapt generate", AdapterError, "another architecture",

@@ -42,10 +42,10 @@ def model_folders(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("reader")
-    for name in ("dog", "cat"):
-        (folder / name).mkdir()
+    for subject in ("dog", "cat"):
+        (folder / subject).mkdir()
         for i, image in enumerate(make_subject_images()):
-            image.save(folder / name / f"{i}.png")
+            image.save(folder / subject / f"{i}.png")
     return folder
 
 

@@ -19,6 +19,9 @@ _LAZY = {
     "Adapter": "adapter",
     "load_adapter": "adapter",
     "unload_adapter": "adapter",
+    "set_adapter_weights": "adapter",
+    "attached_adapter": "adapter",
+    "attached_adapters": "adapter",
     "Strategy": "strategies",
     "register_strategy": "strategies",
     "get_strategy": "strategies",
@@ -30,7 +33,14 @@ _LAZY = {
 __all__ = ["AdapterError", "DbAdaptersError", "InputError", "__version__", *_LAZY]
 
 if TYPE_CHECKING:
-    from .adapter import Adapter, load_adapter, unload_adapter  # noqa: F401
+    from .adapter import (  # noqa: F401
+        Adapter,
+        attached_adapter,
+        attached_adapters,
+        load_adapter,
+        set_adapter_weights,
+        unload_adapter,
+    )
     from .api import personalize  # noqa: F401
     from .binder import choose_identifier, validate_identifier  # noqa: F401
     from .strategies import Strategy, available_strategies, get_strategy, register_strategy  # noqa: F401

@@ -1,14 +1,22 @@
-"""The `Adapter`: what `personalize` returns, and the save / load / unload verbs around it.
+"""The `Adapter`: what `personalize` returns, and the save / load / mix / unload verbs around it.
 
-A pipeline carries at most one db-adapters adapter at a time (see `attached_adapter`); a second
-`personalize` or `load_adapter` on it is refused until `unload_adapter(pipe)` takes the first out.
+A pipeline may carry several db-adapters adapters at once, each under its own name
+(`attached_adapters`): `load_adapter(pipe, path, name=...)` adds one, `set_adapter_weights` mixes
+them, `unload_adapter(pipe, name)` takes one out and leaves the others as they were. Adapters share
+a pipeline only when their strategies can be mixed (the same `Strategy.mix_group`: LoRA with DoRA,
+LoHa with LoHa, LoKr with LoKr); a full fine-tune or an OFT adapter is alone in its pipeline.
+`personalize` trains on a pipeline without adapters only.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import warnings
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from numbers import Real
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,13 +27,16 @@ from .families import family_of
 from .files import named_write_errors
 from .pipelines import architecture_fingerprint, weights_fingerprint
 from .safe_reading import read_header
-from .strategies import Strategy, get_strategy
+from .strategies import Strategy, available_strategies, get_strategy
 
 if TYPE_CHECKING:
     import torch
     from diffusers import DiffusionPipeline
 
-_ATTRIBUTE = "_db_adapter"
+# On the pipeline: the adapters it carries by name, in loading order, and their weights.
+_ATTRIBUTE = "_db_adapters"
+_WEIGHTS = "_db_adapter_weights"
+_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
 class BaseModelWarning(UserWarning):
@@ -37,6 +48,8 @@ class Adapter:
     """A trained subject adapter, attached to the pipeline it lives in.
 
     Attributes:
+        name (`str`): its name in the pipeline: the file's stem after `load_adapter` ("dog" for
+            dog.safetensors) unless given, "dreambooth" after `personalize`.
         identifier (`str`): the rare token bound to the subject, e.g. "olg".
         class_noun (`str`): the subject's class, e.g. "dog".
         instance_prompt (`str`): the training prompt, e.g. "a olg dog".
@@ -78,6 +91,11 @@ class Adapter:
         """
         return [subject["identifier"] for subject in self.subjects]
 
+    @property
+    def name(self) -> str:
+        """The adapter's name in its pipeline (its layers' peft adapter name)."""
+        return self.strategy.adapter_name
+
     def metadata(self) -> dict[str, Any]:
         """Everything the file's header records about this adapter (JSON-able)."""
         return {
@@ -100,7 +118,8 @@ class Adapter:
         """Write the adapter to one safetensors file, atomically.
 
         Launched as several processes (torchrun, accelerate launch), call it on every process: the
-        main process writes the file and the others return at once without waiting for it.
+        main process writes the file and the others return at once without waiting for it. In a
+        pipeline carrying several adapters, the file holds this adapter's weights only.
 
         Args:
             path (`str | PathLike`): a `.safetensors` file name; its folder is created if needed.
@@ -118,7 +137,7 @@ class Adapter:
         from .formats import check_convertible
 
         path = check_output_path(path)
-        if self.pipe is None or attached_adapter(self.pipe) is not self:
+        if self.pipe is None or attached_adapters(self.pipe).get(self.name) is not self:
             raise AdapterError("this adapter is no longer attached to its pipeline (it was unloaded); cannot save.")
         check_convertible(self.strategy.name, self.base_model.get("family"), format)
         dtype = as_dtype(dtype)
@@ -206,57 +225,126 @@ def embeddings_path(path: str | os.PathLike) -> Path:
     return path.with_name(f"{path.stem}_emb{path.suffix}")
 
 
+def attached_adapters(pipe: Any) -> dict[str, Adapter]:
+    """The db-adapters adapters a pipeline carries, by name, in the order they came in (empty: none).
+
+    Args:
+        pipe (`DiffusionPipeline`): any pipeline.
+
+    Example:
+        >>> dog = load_adapter(pipe, "dog.safetensors")  # doctest: +SKIP
+        >>> cat = load_adapter(pipe, "cat.safetensors")  # doctest: +SKIP
+        >>> list(attached_adapters(pipe))  # doctest: +SKIP
+        ['dog', 'cat']
+    """
+    return dict(getattr(pipe, _ATTRIBUTE, {}))
+
+
 def attached_adapter(pipe: Any) -> Adapter | None:
-    """The db-adapters adapter a pipeline carries, or None."""
-    return getattr(pipe, _ATTRIBUTE, None)
+    """The one db-adapters adapter a pipeline carries, or None; `AdapterError` if it carries several.
+
+    Args:
+        pipe (`DiffusionPipeline`): any pipeline.
+
+    Example:
+        >>> adapter = personalize(pipe, "photos/", "dog")  # doctest: +SKIP
+        >>> attached_adapter(pipe) is adapter  # doctest: +SKIP
+        True
+    """
+    adapters = attached_adapters(pipe)
+    if len(adapters) > 1:
+        raise AdapterError(
+            f"this pipeline carries {len(adapters)} adapters ({', '.join(map(repr, adapters))}); "
+            "pick one from db_adapters.attached_adapters(pipe), a dict by name."
+        )
+    return next(iter(adapters.values()), None)
 
 
 def attach(pipe: Any, adapter: Adapter) -> None:
+    """Record that `pipe` carries `adapter` (whose layers are in it), under its name, at weight 1."""
+    if not hasattr(pipe, _ATTRIBUTE):
+        # Plain attributes, not pipeline components: object.__setattr__ keeps diffusers' config out of it.
+        object.__setattr__(pipe, _ATTRIBUTE, {})
+        object.__setattr__(pipe, _WEIGHTS, {})
+    getattr(pipe, _ATTRIBUTE)[adapter.name] = adapter
+    getattr(pipe, _WEIGHTS)[adapter.name] = 1.0
     adapter.pipe = pipe
-    object.__setattr__(pipe, _ATTRIBUTE, adapter)
+
+
+def detach(pipe: Any, adapter: Adapter) -> None:
+    """Record that `pipe` no longer carries `adapter` (its layers were taken out, or fused)."""
+    adapters, weights = getattr(pipe, _ATTRIBUTE), getattr(pipe, _WEIGHTS)
+    del adapters[adapter.name]
+    del weights[adapter.name]
+    if not adapters:
+        object.__delattr__(pipe, _ATTRIBUTE)
+        object.__delattr__(pipe, _WEIGHTS)
+    adapter.pipe = None
 
 
 def refuse_if_adapted(pipe: Any) -> None:
-    """Raise `AdapterError` if the pipeline already carries an adapter (ours or any peft LoRA)."""
-    current = attached_adapter(pipe)
-    if current is not None:
+    """`AdapterError` if the pipeline carries any adapter, ours or a peft LoRA: `personalize` trains bare ones."""
+    adapters = attached_adapters(pipe)
+    if adapters:
         raise AdapterError(
-            f"this pipeline already carries the adapter for {current.instance_prompt!r}; "
-            "call db_adapters.unload_adapter(pipe) first (one adapter per pipeline)."
+            f"this pipeline already carries the adapter(s) {_described(adapters.values())}; personalize trains a "
+            "pipeline without adapters: call db_adapters.unload_adapter(pipe) first (it takes them all out), or use "
+            "a fresh pipeline."
         )
+    _refuse_foreign_layers(pipe, ours=())
+
+
+def _refuse_foreign_layers(pipe: Any, ours: Iterable[str]) -> None:
     for component in family_of(pipe).components():
         module = getattr(pipe, component, None)
-        if module is not None and _has_lora_layers(module):
+        foreign = sorted(_adapters_in_layers(module) - set(ours)) if module is not None else []
+        if foreign:
             raise AdapterError(
-                f"the pipeline's {component} already carries LoRA layers ({', '.join(sorted(module.peft_config))}); "
+                f"the pipeline's {component} already carries LoRA layers ({', '.join(foreign)}); "
                 "take them out with pipe.unload_lora_weights(), or make them part of the base weights with "
                 "pipe.fuse_lora() then pipe.unload_lora_weights(), and try again."
             )
 
 
-def _has_lora_layers(module: Any) -> bool:
-    # After fuse_lora() + unload_lora_weights() diffusers may leave an empty or stale `peft_config`
-    # behind, with no layer left: only injected layers make a pipeline carry someone else's adapter.
+def _adapters_in_layers(module: Any) -> set[str]:
+    # The names held by injected layers: after fuse_lora() + unload_lora_weights() diffusers may leave
+    # an empty or stale `peft_config` behind, with no layer left, which carries no adapter.
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    return bool(getattr(module, "peft_config", None)) and any(isinstance(m, BaseTunerLayer) for m in module.modules())
+    return {
+        name
+        for layer in module.modules()
+        if isinstance(layer, BaseTunerLayer)
+        for attribute in layer.adapter_layer_names
+        for name in getattr(layer, attribute)
+    }
 
 
-def load_adapter(pipe: DiffusionPipeline, path: str | os.PathLike) -> Adapter:
-    """Put a saved adapter into a pipeline; the pipeline then generates the subject.
+def load_adapter(pipe: DiffusionPipeline, path: str | os.PathLike, name: str | None = None) -> Adapter:
+    """Put a saved adapter into a pipeline, beside the ones it carries; the pipeline then generates the subject.
+
+    Adapters share a pipeline when their strategies mix (LoRA with DoRA, LoHa with LoHa, LoKr with
+    LoKr); each starts at weight 1 (see `set_adapter_weights`). A full fine-tune or an OFT adapter
+    must be alone in its pipeline.
 
     Args:
         pipe (`DiffusionPipeline`): a pipeline of the model the adapter was trained on.
         path (`str | PathLike`): the adapter's `.safetensors` file.
+        name (`str | None`): its name in the pipeline, for `set_adapter_weights` and `unload_adapter`:
+            letters, digits, "_" and "-". None: the file's stem (`default_adapter_name`: "dog" for
+            dog.safetensors, "dog_v2" for dog.v2.safetensors). A name in use is refused.
 
     Returns:
-        The `Adapter`, with `.identifier` to use in prompts.
+        The `Adapter`, with `.identifier` to use in prompts and `.name`.
 
     Example:
         >>> adapter = load_adapter(pipe, "my_dog.safetensors")  # doctest: +SKIP
         >>> image = pipe(f"a {adapter.identifier} dog on the beach").images[0]  # doctest: +SKIP
+        >>> cat = load_adapter(pipe, "cat_v2.safetensors", name="cat")  # doctest: +SKIP
+        >>> image = pipe(f"a {adapter.identifier} dog and a {cat.identifier} cat").images[0]  # doctest: +SKIP
     """
     family = family_of(pipe)
+    name = _adapter_name(name, path)
     # Everything that can be checked from the header is, before the pipeline is touched: a pickle is
     # refused by name, a damaged file or metadata of the wrong types is an AdapterError naming the file.
     info = unpack_metadata(read_header(path).metadata, path)
@@ -269,18 +357,23 @@ def load_adapter(pipe: DiffusionPipeline, path: str | os.PathLike) -> Adapter:
             f"{str(path)!r} is a {held}-format export; load_adapter reads db-adapters' own (diffusers-format) "
             f"file. Load this one with {loader}, or load the file it was exported from."
         )
-    refuse_if_adapted(pipe)
-    check_base_model(pipe, family, info, path)
+    present = attached_adapters(pipe)
+    _refuse_name_in_use(present, name, path)
+    _refuse_foreign_layers(pipe, ours=present)
     strategy = _strategy_of(info, path)
+    _refuse_unmixable(strategy, present.values(), path)
+    check_base_model(pipe, family, info, path)
+    strategy.adapter_name = name
     tokens, rows = _tokens_of(info, path)
+    subjects = _subjects_of(info, path)
     # A strategy's `load` checks the weights against the pipeline and, if it raises, leaves it as it was.
     strategy.load(pipe, family, Path(path))
-    subjects = _subjects_of(info, path)
     if tokens:
         subjects, tokens = _load_tokens(pipe, family, strategy, subjects, tokens, rows, path)
     trained_text_encoder = info.get("train_text_encoder")
     if trained_text_encoder is not None and strategy.train_text_encoder != trained_text_encoder:
         strategy.remove(pipe)
+        _apply_weights(pipe)
         held = "holds" if strategy.train_text_encoder else "holds no"
         raise AdapterError(
             f"{str(path)!r}: its metadata says train_text_encoder={trained_text_encoder} but the file {held} "
@@ -299,6 +392,8 @@ def load_adapter(pipe: DiffusionPipeline, path: str | os.PathLike) -> Adapter:
         tokens=tokens,
     )
     attach(pipe, adapter)
+    _apply_weights(pipe)  # adding an adapter makes it the only active one; all act, each at its weight
+    _warn_if_identifier_shared(adapter, present.values())
     return adapter
 
 
@@ -419,33 +514,158 @@ def _export_embeddings(pipe: Any, info: dict[str, Any], path: str | os.PathLike)
         raise AdapterError(f"{str(embeddings)!r}: {error}") from None
 
 
+def _warn_if_identifier_shared(adapter: Adapter, others: Iterable[Adapter]) -> None:
+    # The binder picks the same rare token for the same seed: two subjects trained with the defaults share it.
+    for other in others:
+        if other.identifier == adapter.identifier:
+            warnings.warn(
+                f"adapters {other.name!r} and {adapter.name!r} share the identifier {adapter.identifier!r}, so a "
+                "prompt cannot ask for one without the other; train one of them with another identifier "
+                "(identifier=..., or another seed).",
+                stacklevel=3,
+            )
+
+
+def default_adapter_name(path: str | os.PathLike) -> str:
+    """The name `load_adapter` gives the adapter in `path` when none is given: the file's stem, with "_"
+    for each run of characters other than letters, digits, "_" and "-".
+
+    Args:
+        path (`str | PathLike`): an adapter file.
+
+    Example:
+        >>> default_adapter_name("adapters/dog.safetensors"), default_adapter_name("my dog v1.5.safetensors")
+        ('dog', 'my_dog_v1_5')
+    """
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", Path(path).stem)
+
+
+def _adapter_name(name: str | None, path: str | os.PathLike) -> str:
+    if name is None:
+        return default_adapter_name(path)
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise InputError(f"adapter name {name!r}: use letters, digits, '_' and '-' only, e.g. name='dog'.")
+    return name
+
+
+def _refuse_name_in_use(present: dict[str, Adapter], name: str, path: str | os.PathLike) -> None:
+    if name in present:
+        raise AdapterError(
+            f"this pipeline already carries an adapter named {name!r} (for {present[name].instance_prompt!r}); "
+            f"load {str(path)!r} under another name, load_adapter(pipe, path, name=...), or take the other out "
+            f"first with db_adapters.unload_adapter(pipe, {name!r})."
+        )
+
+
+def _refuse_unmixable(strategy: Strategy, present: Iterable[Adapter], path: str | os.PathLike) -> None:
+    others = [a for a in present if strategy.mix_group is None or a.strategy.mix_group != strategy.mix_group]
+    if others:
+        raise AdapterError(
+            f"{str(path)!r} is a {strategy.name} adapter and this pipeline carries {_described(others)}; "
+            f"{_mixing_rule()}. Unload with db_adapters.unload_adapter(pipe, name), or use another pipeline."
+        )
+
+
+def _mixing_rule() -> str:
+    """Which strategies' adapters can share a pipeline, from the registry, for error messages."""
+    groups: dict[str | None, list[str]] = {}
+    for name in available_strategies():
+        groups.setdefault(get_strategy(name).mix_group, []).append(name)
+    alone = groups.pop(None, [])
+    # "dora with lora" for a group of several strategies, "loha with loha" for a group of one.
+    mixing = "; ".join(" with ".join(names if len(names) > 1 else names * 2) for names in groups.values())
+    return f"adapters share a pipeline only as {mixing}; {' and '.join(alone)} adapters must be alone in it"
+
+
+def _described(adapters: Iterable[Adapter]) -> str:
+    return ", ".join(f"{a.name!r} ({a.strategy.name}, {a.instance_prompt!r})" for a in adapters)
+
+
+def set_adapter_weights(pipe: DiffusionPipeline, weights: Mapping[str, float]) -> None:
+    """Set how strongly each adapter the pipeline carries acts; the ones left out keep their weight.
+
+    Built on diffusers' `pipe.set_adapters`: each adapter's update is scaled by its weight (1: as
+    trained, 0: off; the default after loading is 1), so adapters loaded together mix. A DoRA
+    adapter's learned magnitudes stay at weight 0, as in diffusers: only its direction update scales.
+
+    Args:
+        pipe (`DiffusionPipeline`): a pipeline carrying db-adapters adapters.
+        weights (`Mapping[str, float]`): adapter name -> weight, a finite number.
+
+    Example:
+        >>> dog = load_adapter(pipe, "dog.safetensors")  # doctest: +SKIP
+        >>> cat = load_adapter(pipe, "cat.safetensors")  # doctest: +SKIP
+        >>> set_adapter_weights(pipe, {"dog": 1.0, "cat": 0.7})  # doctest: +SKIP
+    """
+    adapters = attached_adapters(pipe)
+    if not adapters:
+        raise AdapterError("this pipeline carries no db-adapters adapter to weight; load some with load_adapter.")
+    if not isinstance(weights, Mapping):
+        raise InputError(f"weights must be a dict of adapter name -> weight, e.g. {{'dog': 1.0}}; got {weights!r}.")
+    for name, weight in weights.items():
+        if name not in adapters:
+            raise AdapterError(f"this pipeline carries no adapter named {name!r}; it carries {_names(adapters)}.")
+        if isinstance(weight, bool) or not isinstance(weight, Real) or not math.isfinite(weight):
+            raise InputError(f"the weight of {name!r} is {weight!r}; give a finite number (1: as trained, 0: off).")
+    strategy = next(iter(adapters.values())).strategy
+    if strategy.mix_group is None:
+        raise AdapterError(
+            f"a {strategy.name} adapter acts at full strength and cannot be weighted; weights apply to adapters "
+            f"that mix ({_mixing_rule()})."
+        )
+    getattr(pipe, _WEIGHTS).update({name: float(weight) for name, weight in weights.items()})
+    _apply_weights(pipe)
+
+
+def _apply_weights(pipe: DiffusionPipeline) -> None:
+    """Make every adapter the pipeline carries active, each at its recorded weight."""
+    adapters = attached_adapters(pipe)
+    if not adapters or next(iter(adapters.values())).strategy.mix_group is None:
+        return  # none, or one that is always alone and at full strength
+    pipe.set_adapters(list(adapters), [getattr(pipe, _WEIGHTS)[name] for name in adapters])
+    for adapter in adapters.values():
+        adapter.strategy.finish(pipe)  # set_adapters makes the active adapters trainable; they are not
+
+
+def unload_adapter(pipe: DiffusionPipeline, name: str | None = None) -> None:
+    """Take db-adapters adapters out of a pipeline: one by name (the others act as before), or all of them.
+
+    With all out, the pipeline is the base model again, exactly.
+
+    Args:
+        pipe (`DiffusionPipeline`): a pipeline returned by `personalize` or given to `load_adapter`.
+        name (`str | None`): the adapter to take out; None: every one.
+
+    Example:
+        >>> unload_adapter(pipe, "cat")  # doctest: +SKIP
+        >>> unload_adapter(pipe)  # doctest: +SKIP
+    """
+    adapters = attached_adapters(pipe)
+    if not adapters:
+        raise AdapterError("this pipeline carries no db-adapters adapter; nothing to unload.")
+    if name is not None and name not in adapters:
+        raise AdapterError(f"this pipeline carries no adapter named {name!r}; it carries {_names(adapters)}.")
+    leaving = [adapters[name]] if name is not None else list(adapters.values())[::-1]
+    for adapter in leaving:
+        adapter.strategy.remove(pipe)
+        if adapter.tokens:
+            from .pivotal import unload_tokens
+
+            unload_tokens(pipe, family_of(pipe), adapter.tokens)
+        detach(pipe, adapter)
+    _apply_weights(pipe)
+
+
+def _names(adapters: dict[str, Adapter]) -> str:
+    return ", ".join(map(repr, adapters))
+
+
 def _strategy_of(info: dict[str, Any], path: str | os.PathLike) -> Strategy:
     # A bad strategy name or option in a file is a damaged adapter, not a mistake in the caller's input.
     try:
         return get_strategy(info["strategy"])(**info["strategy_config"])
     except (InputError, TypeError) as error:
         raise AdapterError(f"{str(path)!r}: metadata names a strategy it cannot build ({error}).") from None
-
-
-def unload_adapter(pipe: DiffusionPipeline) -> None:
-    """Take the db-adapters adapter out of a pipeline: it is the base model again.
-
-    Args:
-        pipe (`DiffusionPipeline`): a pipeline returned to by `personalize` or `load_adapter`.
-
-    Example:
-        >>> unload_adapter(pipe)  # doctest: +SKIP
-    """
-    adapter = attached_adapter(pipe)
-    if adapter is None:
-        raise AdapterError("this pipeline carries no db-adapters adapter; nothing to unload.")
-    adapter.strategy.remove(pipe)
-    if adapter.tokens:
-        from .pivotal import unload_tokens
-
-        unload_tokens(pipe, family_of(pipe), adapter.tokens)
-    object.__delattr__(pipe, _ATTRIBUTE)
-    adapter.pipe = None
 
 
 def check_base_model(pipe: DiffusionPipeline, family: Any, info: dict[str, Any], path: str | os.PathLike) -> None:

@@ -296,11 +296,18 @@ def _subject_option(text: str) -> Any:
 @click.option("--model", required=True, help="Local diffusers folder or hub id the adapter was trained on.")
 @click.option(
     "--adapter",
-    "adapter_path",
-    default=None,
-    help="Adapter file (db-adapters' own, or a kohya LoRA export); without one, the base model.",
+    "adapter_paths",
+    multiple=True,
+    help="Adapter file; repeat to mix several (LoRA/DoRA, or LoHa, or LoKr ones). Without one, the base model.",
 )
-@click.option("--prompt", required=True, help='Prompt; "{id}" becomes the adapter\'s identifier.')
+@click.option(
+    "--weight", "weights", type=float, multiple=True, help="Each --adapter's weight, in their order (default: all 1)."
+)
+@click.option(
+    "--prompt",
+    required=True,
+    help='Prompt; "{id}" becomes the adapter\'s identifier; with several, "{dog}" that of dog.safetensors.',
+)
 @click.option("--negative-prompt", default=None)
 @click.option("--num-images", type=int, default=1, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -315,7 +322,8 @@ def _subject_option(text: str) -> Any:
 @friendly_errors
 def generate(
     model: str,
-    adapter_path: str | None,
+    adapter_paths: tuple[str, ...],
+    weights: tuple[float, ...],
     prompt: str,
     negative_prompt: str | None,
     num_images: int,
@@ -327,21 +335,15 @@ def generate(
     device: str | None,
     output: str,
 ) -> None:
-    """Generate images with a saved adapter (a PNG grid)."""
+    """Generate images with saved adapters, mixed at their weights (a PNG grid)."""
     from .generation import check_png_path, render_grid
 
     output_path = check_png_path(output)
     if num_images <= 0 or steps <= 0:
         raise InputError("--num-images and --steps must be positive integers.")
+    _check_adapter_options(adapter_paths, weights)
     pipe = load_pipeline(model, device, dtype)
-    identifier = None
-    if adapter_path is not None:
-        from .adapter import load_for_generation
-
-        identifier = load_for_generation(pipe, adapter_path)
-    if "{id}" in prompt and identifier is None:
-        raise InputError('--prompt uses "{id}" but no --adapter was given.')
-    text = prompt.replace("{id}", identifier or "")
+    text = _prompt_with_identifiers(prompt, _load_adapters(pipe, adapter_paths, weights))
     render_grid(
         pipe,
         text,
@@ -354,6 +356,42 @@ def generate(
         lora_scale=lora_scale,
     )
     click.echo(f"wrote {output_path} ({num_images} image(s) of {text!r})")
+
+
+def _check_adapter_options(paths: tuple[str, ...], weights: tuple[float, ...]) -> None:
+    """The --weight count and the names the --adapter files will have, checked before any model loads."""
+    from .adapter import default_adapter_name
+
+    if weights and len(weights) != len(paths):
+        raise InputError(f"give one --weight per --adapter, in order: {len(paths)} adapters, {len(weights)} weights.")
+    names = [default_adapter_name(path) for path in paths]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise InputError(f"two --adapter files have the name {repeated[0]!r} (a file's stem); rename one of them.")
+
+
+def _load_adapters(pipe: Any, paths: tuple[str, ...], weights: tuple[float, ...]) -> dict[str, str]:
+    """Load each --adapter beside the others and set their --weight; returns each one's identifier by name."""
+    from .adapter import default_adapter_name, load_adapter, load_for_generation, set_adapter_weights
+
+    if len(paths) == 1 and not weights:  # one file: a db-adapters file, or a kohya LoRA export diffusers reads
+        return {default_adapter_name(paths[0]): load_for_generation(pipe, paths[0])}
+    adapters = [load_adapter(pipe, path) for path in paths]
+    if weights:
+        set_adapter_weights(pipe, {adapter.name: weight for adapter, weight in zip(adapters, weights, strict=True)})
+    return {adapter.name: adapter.identifier for adapter in adapters}
+
+
+def _prompt_with_identifiers(prompt: str, identifiers: dict[str, str]) -> str:
+    """--prompt with "{name}" as the identifier of that adapter, and "{id}" as that of the only one."""
+    for name, identifier in identifiers.items():
+        prompt = prompt.replace(f"{{{name}}}", identifier)
+    if "{id}" in prompt and len(identifiers) != 1:
+        if not identifiers:
+            raise InputError('--prompt uses "{id}" but no --adapter was given.')
+        instead = ", ".join(f'"{{{name}}}"' for name in identifiers)
+        raise InputError(f'--prompt uses "{{id}}" but there are several --adapter files; name each one: {instead}.')
+    return prompt.replace("{id}", next(iter(identifiers.values()), ""))
 
 
 def load_toy_base(device: str | None, folder: str | None = None, dtype: str = "fp32") -> Any:

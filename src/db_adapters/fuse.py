@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .adapter import _ATTRIBUTE, attached_adapter
+from .adapter import attached_adapters, detach
 from .errors import AdapterError, InputError
 from .files import named_write_errors
 
@@ -33,9 +33,15 @@ def fuse_adapter(pipe: DiffusionPipeline) -> None:
         >>> fuse_adapter(pipe)  # doctest: +SKIP
         >>> pipe.save_pretrained("my-dog-model", safe_serialization=True)  # doctest: +SKIP
     """
-    adapter = attached_adapter(pipe)
-    if adapter is None:
+    adapters = attached_adapters(pipe)
+    if not adapters:
         raise AdapterError("this pipeline carries no db-adapters adapter to fuse; load one first (load_adapter).")
+    if len(adapters) > 1:
+        raise AdapterError(
+            f"this pipeline carries {len(adapters)} adapters ({', '.join(map(repr, adapters))}); fusing takes one: "
+            "take the others out with db_adapters.unload_adapter(pipe, name) first."
+        )
+    (adapter,) = adapters.values()
     if adapter.strategy.name == "lora":
         pipe.fuse_lora(components=list(adapter.strategy.components), lora_scale=1.0)
         pipe.unload_lora_weights()
@@ -44,8 +50,7 @@ def fuse_adapter(pipe: DiffusionPipeline) -> None:
         raise AdapterError(f"fusing is written for LoRA and full fine-tunes, not for strategy {name!r}.")
     # A full fine-tune keeps a CPU copy of the base weights to unload to; fused, there is no way back.
     adapter.strategy.__dict__.pop("_backup", None)
-    object.__delattr__(pipe, _ATTRIBUTE)
-    adapter.pipe = None
+    detach(pipe, adapter)
 
 
 def check_output_folder(folder: str | os.PathLike) -> Path:

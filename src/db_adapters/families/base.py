@@ -234,6 +234,19 @@ def _without_added_tokens(shapes: dict[str, list[int]], encoder: Any, tokenizer:
             shapes[name] = [shapes[name][0] - added, *shapes[name][1:]]
 
 
+def _adapter_keys(module: torch.nn.Module) -> set[str]:
+    """State-dict keys of peft adapter weights (any kind or name): in an injected layer, all but its base layer's."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {
+        f"{name}.{key}"
+        for name, layer in module.named_modules()
+        if isinstance(layer, BaseTunerLayer)
+        for key in layer.state_dict()
+        if not key.startswith("base_layer.")
+    }
+
+
 def base_module_shapes(module: torch.nn.Module) -> dict[str, list[int]]:
     """Parameter names and shapes of `module` as it was before any peft layers were injected, and as it
     would be unquantized: a bitsandbytes layer counts as the Linear it stands for (its packed weight
@@ -241,9 +254,10 @@ def base_module_shapes(module: torch.nn.Module) -> dict[str, list[int]]:
     quantized = {
         name.replace(".base_layer", ""): layer for name, layer in module.named_modules() if _is_quantized_linear(layer)
     }
+    adapter_keys = _adapter_keys(module)
     shapes = {}
     for name, tensor in module.state_dict().items():
-        if "lora_" in name or ".lora." in name:
+        if name in adapter_keys or "lora_" in name or ".lora." in name:
             continue
         name = name.replace(".base_layer.", ".")
         layer_name, _, rest = name.rpartition(".weight")

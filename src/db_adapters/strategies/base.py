@@ -4,6 +4,10 @@ The trainer sees only `trainable_parameters()`; it never knows which strategy it
 never sees the CLI or the data; it knows how its weights enter a pipeline (`apply`, `load`), how they
 leave it (`remove`) and how they are written to one safetensors file (`save`). Which components it
 may train (the denoiser, the text encoders) it learns from the pipeline's model family.
+
+A pipeline may carry several adapters at once (see adapter.py): each strategy instance carries the
+name its layers have in the pipeline (`adapter_name`), and `mix_group` says which others may share
+the pipeline with it.
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import InputError
+
+# The name a strategy's layers get when nobody names them: what `personalize` trains under.
+DEFAULT_ADAPTER_NAME = "dreambooth"
 
 if TYPE_CHECKING:
     import torch
@@ -42,6 +49,11 @@ class Strategy(ABC):
     # The pipeline's family and the components this strategy trains; set by `apply` and `load`.
     family: type[Family] | None = None
     components: tuple[str, ...] = ()
+    # The name of this strategy's layers in the pipeline (peft's adapter name); `load_adapter` sets it.
+    adapter_name: str = DEFAULT_ADAPTER_NAME
+    # Adapters whose strategies share a mix group can be in one pipeline together, each at its own weight
+    # (peft layers of one kind, scaled per adapter); None: this strategy's adapter must be alone.
+    mix_group: ClassVar[str | None] = None
 
     def __init__(self, **options: Any) -> None:
         known = {f.name for f in dataclasses.fields(self.Options)}

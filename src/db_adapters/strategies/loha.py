@@ -24,6 +24,7 @@ class Loha(PeftAdapter):
     Options = LycorisOptions
     default_learning_rate = 1e-4  # peft's DreamBooth example trains LoHa as it trains LoRA
     marker = ".hada_"
+    mix_group = "loha"  # several LoHa adapters share its peft layers, each scaled on its own
 
     def peft_config(self, targets: list[str]) -> LoHaConfig:
         from peft import LoHaConfig

@@ -43,6 +43,7 @@ class Lokr(PeftAdapter):
     Options = LokrOptions
     default_learning_rate = 1e-4  # peft's DreamBooth example trains LoKr as it trains LoRA
     marker = ".lokr_"
+    mix_group = "lokr"  # several LoKr adapters share its peft layers, each scaled on its own
 
     def peft_config(self, targets: list[str]) -> LoKrConfig:
         from peft import LoKrConfig

@@ -23,7 +23,6 @@ from ..files import save_tensors
 from ..safe_reading import read_file_metadata, read_tensors
 from . import register_strategy
 from .peft_adapters import (
-    ADAPTER_NAME,
     PeftAdapter,
     alpha_setting,
     check_positive_int,
@@ -103,6 +102,7 @@ class Lora(PeftAdapter):
     Options = LoraOptions
     default_learning_rate = 1e-4  # diffusers' LoRA DreamBooth README
     marker = ".lora_"
+    mix_group = "lora"  # LoRA and DoRA adapters share peft's LoRA layers, each scaled on its own
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -141,16 +141,13 @@ class Lora(PeftAdapter):
             # is what it would call, and works with the peft releases we support.
             return super().inject(pipe, component)
         # diffusers' own verb, so that its LoRA verbs (set_adapters, unload_lora_weights) know the layers.
-        getattr(pipe, component).add_adapter(self.component_peft_config(component), adapter_name=ADAPTER_NAME)
-
-    def remove(self, pipe: Any) -> None:
-        pipe.unload_lora_weights()
+        getattr(pipe, component).add_adapter(self.component_peft_config(component), adapter_name=self.adapter_name)
 
     def save(self, pipe: Any, path: Path, metadata: dict[str, str], dtype: torch.dtype | None) -> None:
         from peft.utils import get_peft_model_state_dict
 
         layers = {
-            component: get_peft_model_state_dict(getattr(pipe, component), adapter_name=ADAPTER_NAME)
+            component: get_peft_model_state_dict(getattr(pipe, component), adapter_name=self.adapter_name)
             for component in self.components
         }
         self.write(pipe, path, layers, metadata, dtype)

@@ -5,12 +5,16 @@ parameters are named (`marker`); `PeftAdapter` does the rest. Its file is ours: 
 under `component.` keys, and each component's peft config as JSON under the header key `peft_config`, so
 plain peft can rebuild the layers too (`PeftConfig.from_peft_type(**config)`, `inject_adapter_in_model`,
 `set_peft_model_state_dict`). LoRA and DoRA write diffusers' format instead (see lora.py).
+
+Each strategy's layers carry its `adapter_name`, so several adapters of one kind can sit in the same
+layers; a strategy trains, saves and removes only its own.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from abc import abstractmethod
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -29,7 +33,6 @@ if TYPE_CHECKING:
 
     from ..families import Family
 
-ADAPTER_NAME = "dreambooth"
 PEFT_CONFIG_KEY = "peft_config"
 
 # Options several peft strategies take, written once: `db-adapt train` offers an option that several
@@ -136,11 +139,14 @@ class PeftAdapter(Strategy):
         """Put this strategy's layers into one component with peft's `inject_adapter_in_model`."""
         from peft import inject_adapter_in_model
 
-        inject_adapter_in_model(self.component_peft_config(component), getattr(pipe, component), ADAPTER_NAME)
+        inject_adapter_in_model(self.component_peft_config(component), getattr(pipe, component), self.adapter_name)
 
     def _inject_or_explain(self, pipe: Any, component: str) -> None:
         try:
-            self.inject(pipe, component)
+            with warnings.catch_warnings():
+                # peft warns when a module already holds an adapter; beside another one is where we put it.
+                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                self.inject(pipe, component)
         except InputError:
             raise
         except ValueError as error:  # peft names the modules it could not find or adapt; add what and where
@@ -151,9 +157,17 @@ class PeftAdapter(Strategy):
 
     def trainable_parameters(self, pipe: Any) -> dict[str, list[torch.nn.Parameter]]:
         return {
-            component: [p for n, p in getattr(pipe, component).named_parameters() if self.marker in n]
+            component: [p for n, p in getattr(pipe, component).named_parameters() if self.owns(n)]
             for component in self.components
         }
+
+    def owns(self, parameter_name: str) -> bool:
+        """Whether a parameter is one of this strategy's adapter weights (not another adapter's, not a base weight).
+
+        peft names them `<layer>.<marker kind>.<adapter name>[.weight]`, e.g. `to_q.hada_w1_a.dog`.
+        """
+        name = self.adapter_name
+        return self.marker in parameter_name and (f".{name}." in parameter_name or parameter_name.endswith(f".{name}"))
 
     def finish(self, pipe: Any) -> None:
         for params in self.trainable_parameters(pipe).values():
@@ -162,7 +176,7 @@ class PeftAdapter(Strategy):
 
     def remove(self, pipe: Any) -> None:
         for component in self.components:
-            strip_adapter_layers(getattr(pipe, component))
+            remove_adapter(getattr(pipe, component), self.adapter_name, self.marker)
 
     # --- the file ----------------------------------------------------------------------------------
 
@@ -171,7 +185,7 @@ class PeftAdapter(Strategy):
 
         tensors, configs = {}, {}
         for component in self.components:
-            state = get_peft_model_state_dict(getattr(pipe, component), adapter_name=ADAPTER_NAME)
+            state = get_peft_model_state_dict(getattr(pipe, component), adapter_name=self.adapter_name)
             tensors |= {f"{component}.{key}": _to_cpu(value, dtype) for key, value in state.items()}
             configs[component] = self.peft_config_dict(component)
         save_tensors(path, tensors, {**metadata, PEFT_CONFIG_KEY: json.dumps(configs, sort_keys=True)})
@@ -221,10 +235,10 @@ class PeftAdapter(Strategy):
 
         for component, state in weights.items():
             module = getattr(pipe, component)
-            injected = get_peft_model_state_dict(module, adapter_name=ADAPTER_NAME)
+            injected = get_peft_model_state_dict(module, adapter_name=self.adapter_name)
             shapes = {key: tuple(tensor.shape) for key, tensor in injected.items()}
             matched = self.match_state(state, shapes, component, path)
-            result = set_peft_model_state_dict(module, matched, adapter_name=ADAPTER_NAME)
+            result = set_peft_model_state_dict(module, matched, adapter_name=self.adapter_name)
             unexpected = [key for key in getattr(result, "unexpected_keys", []) if self.marker in key]
             if unexpected:
                 raise AdapterError(f"{str(path)!r}: peft did not place {component} weights {unexpected[:3]}.")
@@ -322,6 +336,55 @@ def strip_adapter_layers(module: torch.nn.Module) -> None:
         module.set_submodule(name, layer.get_base_layer())
     if "peft_config" in vars(module):
         del module.peft_config
+    if getattr(module, "_hf_peft_config_loaded", False):
+        # diffusers' `add_adapter` marks a model as holding adapters (as its `unload_lora` unmarks it):
+        # unmarked, the next `add_adapter` starts afresh instead of looking for the deleted config.
+        module._hf_peft_config_loaded = False
+
+
+def remove_adapter(module: torch.nn.Module, adapter_name: str, marker: str) -> None:
+    """Take one adapter's layers out of a module and leave every other adapter as it was.
+
+    A layer left holding no adapter is put back as its base layer, so once the last adapter is gone
+    the module is as before injection (as `strip_adapter_layers` leaves it).
+
+    Args:
+        module (`torch.nn.Module`): a denoiser or text encoder holding peft adapters.
+        adapter_name (`str`): the adapter to take out; a name the module does not hold changes nothing.
+        marker (`str`): the adapter kind's parameter marker, e.g. ".lora_" (`PeftAdapter.marker`).
+
+    Example:
+        >>> import torch
+        >>> from peft import LoraConfig, inject_adapter_in_model
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+        >>> _ = inject_adapter_in_model(LoraConfig(r=2, target_modules=["0", "1"]), model, "dog")
+        >>> _ = inject_adapter_in_model(LoraConfig(r=2, target_modules=["1"]), model, "cat")
+        >>> remove_adapter(model, "dog", ".lora_")
+        >>> sorted(model.peft_config), type(model[0]).__name__, sorted(model[1].lora_A)
+        (['cat'], 'Linear', ['cat'])
+    """
+    from peft.functional import delete_adapter
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    # peft deletes the adapter's weights from every layer; the config entry and the layers it leaves
+    # empty are ours to take out. Which adapters stay active is the caller's to set again (adapter.py
+    # does), so peft's warning that it picked one is noise.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+        delete_adapter(module, adapter_name, prefix=marker)
+    configs = vars(module).get("peft_config")
+    if configs:
+        configs.pop(adapter_name, None)
+    if not configs:
+        strip_adapter_layers(module)
+        return
+    emptied = [
+        (name, layer)
+        for name, layer in module.named_modules()
+        if isinstance(layer, BaseTunerLayer) and not any(len(getattr(layer, n)) for n in layer.adapter_layer_names)
+    ]
+    for name, layer in emptied:
+        module.set_submodule(name, layer.get_base_layer())
 
 
 def module_list(name: str, value: object) -> list[str] | None:
