@@ -18,7 +18,7 @@ from db_adapters import AdapterError, get_strategy, personalize
 from db_adapters.cli import main
 from db_adapters.formats import check_convertible, export_adapter
 from db_adapters.formats.lycoris import to_lycoris
-from db_adapters.strategies.peft_adapters import ADAPTER_NAME
+from db_adapters.strategies.base import DEFAULT_ADAPTER_NAME as ADAPTER_NAME
 from db_adapters.testing import tiny_pipeline_of
 
 QUICK = {"prior_preservation": False, "progress": False, "steps": 1, "train_text_encoder": True}
