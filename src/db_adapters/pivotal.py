@@ -28,10 +28,6 @@ if TYPE_CHECKING:
 # Keys of the new rows in an adapter file: "lora_token_embeddings.text_encoder", ... Plain diffusers refuses a
 # LoRA file with a key that does not contain "lora", and loads only its components' keys: so it skips these.
 KEY_PREFIX = "lora_token_embeddings."
-# The names A1111 and ComfyUI read in an SDXL embedding file (the advanced script writes them too); SD 1.x/2.x
-# embedding files hold one tensor, `emb_params` (A1111's name, which diffusers' load_textual_inversion reads).
-EMBEDDING_FILE_KEYS = {"sd": {"text_encoder": "emb_params"}}
-CLIP_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
 
 
 def new_tokens(count: int, first: int = 0) -> list[str]:
@@ -244,7 +240,8 @@ def unload_tokens(pipe: Any, family: type[Family], tokens: list[str], components
 def embedding_file_tensors(family: type[Family], rows: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The textual-inversion file A1111, ComfyUI and diffusers' `load_textual_inversion` read.
 
-    SD 1.x/2.x: `emb_params` (one encoder). SDXL and SD3: `clip_l` and `clip_g`. Flux: `clip_l`.
+    Keys are the family's `embedding_file_keys`: SD 1.x/2.x `emb_params`; SDXL and SD3 `clip_l` and `clip_g`;
+    Flux `clip_l`.
 
     Example:
         >>> import torch
@@ -253,7 +250,7 @@ def embedding_file_tensors(family: type[Family], rows: Mapping[str, torch.Tensor
         ...                                                   "text_encoder_2": torch.zeros(2, 8)}))
         ['clip_g', 'clip_l']
     """
-    names = EMBEDDING_FILE_KEYS.get(family.name, CLIP_KEYS)
+    names = family.embedding_file_keys
     return {names[component]: tensor.contiguous() for component, tensor in rows.items()}
 
 
@@ -328,7 +325,7 @@ def rows_from_embedding_file(family: type[Family], tensors: Mapping[str, torch.T
         >>> list(rows_from_embedding_file(get_family("sd"), {"emb_params": torch.zeros(2, 4)}))
         ['text_encoder']
     """
-    names = EMBEDDING_FILE_KEYS.get(family.name, CLIP_KEYS)
+    names = family.embedding_file_keys
     wanted = {names[component]: component for component in token_encoders(family)}
     if set(tensors) != set(wanted):
         raise AdapterError(f"an embedding file for {family.title} holds {sorted(wanted)}; this one {sorted(tensors)}.")

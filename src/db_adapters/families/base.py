@@ -46,6 +46,8 @@ class Family(ABC):
         class_samplers: the class-image samplers that suit the model, the default first.
         adapter_targets: the denoiser modules adapter strategies (LoRA, ...) adapt by default.
         text_encoder_adapter_targets: the same for the text encoders.
+        embedding_file_keys: pivotal tuning's tokens in a textual-inversion file, key per CLIP encoder (the
+            names A1111 and ComfyUI read: "clip_l", "clip_g"; SD 1.x/2.x files hold one "emb_params").
     """
 
     name: ClassVar[str] = ""
@@ -61,6 +63,7 @@ class Family(ABC):
     # The peers' choice (diffusers' DreamBooth LoRA scripts for SD and SDXL): attention projections.
     adapter_targets: ClassVar[tuple[str, ...]] = ("to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_v_proj")
     text_encoder_adapter_targets: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "out_proj")
+    embedding_file_keys: ClassVar[dict[str, str]] = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
 
     # --- which pipelines ---------------------------------------------------------------------------
 

@@ -43,6 +43,7 @@ class StableDiffusion(DiffusionFamily):
     name = "sd"
     title = "Stable Diffusion 1.x/2.x (StableDiffusionPipeline)"
     pipeline_classes = ("StableDiffusionPipeline",)
+    embedding_file_keys = {"text_encoder": "emb_params"}  # A1111's name; diffusers' load_textual_inversion reads it
 
     @classmethod
     def encode_prompt(
