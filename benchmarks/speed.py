@@ -98,10 +98,10 @@ def _cuda() -> bool:
 def medium_pipeline(seed: int = 0):
     """An SD-1.5-shaped StableDiffusionPipeline at reduced width, random weights, built offline."""
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from db_adapters.testing import tiny_tokenizer
+    from db_adapters.testing import sd_scheduler, tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
     torch.manual_seed(seed)
@@ -117,15 +117,7 @@ def medium_pipeline(seed: int = 0):
         pad_token_id=tokenizer.pad_token_id,
         **MEDIUM_TEXT,
     )
-    scheduler = PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        skip_prk_steps=True,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler = sd_scheduler()
     pipe = StableDiffusionPipeline(
         unet=unet,
         vae=vae,

@@ -164,7 +164,7 @@ def tiny_components(
     head dims and a v-prediction scheduler.
     """
     import torch
-    from diffusers import PNDMScheduler, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
     tokenizer = tiny_tokenizer()
@@ -186,16 +186,7 @@ def tiny_components(
     vae = _tiny_vae(sample_size * 2)
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(_tiny_clip_text_config(tokenizer))
-    scheduler = PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        skip_prk_steps=True,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="v_prediction" if v_prediction else "epsilon",
-    )
+    scheduler = sd_scheduler("v_prediction" if v_prediction else "epsilon")
     return {
         "unet": unet,
         "vae": vae,
@@ -207,6 +198,27 @@ def tiny_components(
         "image_encoder": None,
         "requires_safety_checker": False,
     }
+
+
+def sd_scheduler(prediction_type: str = "epsilon") -> Any:
+    """Stable Diffusion 1.x's scheduler, as its model folder configures it (`scheduler_config.json`).
+
+    Example:
+        >>> sd_scheduler().config.beta_schedule
+        'scaled_linear'
+    """
+    from diffusers import PNDMScheduler
+
+    return PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
 
 
 def _tiny_vae(sample_size: int) -> Any:
