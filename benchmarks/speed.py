@@ -12,8 +12,9 @@ callback, so it leaves out the set-up before the first step.
 The reference is a plain loop written as diffusers' examples/dreambooth/train_dreambooth_lora.py trains:
 peft LoRA (rank `--rank`, gaussian init) on the UNet's attention projections via `unet.add_adapter`, the
 VAE encoding the instance + class pixels and the text encoder the prompts every step (no caching), class
-images generated the same way as ours (same sampler, steps, guidance, batch), AdamW, instance and class
-batch concatenated, prior loss, gradient clipping, `loss.item()` logged every step, saved with
+images generated as the example does (`pipeline(prompts)` in batches of 4: the pipeline's own PNDM
+scheduler at its default 50 steps and guidance 7.5; ours: DPM-Solver++ at `--class-steps`, 25),
+AdamW, instance and class batch concatenated, prior loss, gradient clipping, `loss.item()` logged every step, saved with
 `save_lora_weights`. `--compare` runs each side in its own subprocess (so each one's peak RSS is its
 own), ours first, and prints the ratios. Both train in fp32 (`mixed_precision="no"`) on the pipeline's
 device. A row per run goes to benchmarks/results/speed.md.
@@ -76,7 +77,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pipeline", choices=("tiny", "medium"), default="tiny")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--class-images", type=int, default=100)
-    parser.add_argument("--class-steps", type=int, default=25, help="sampler steps per class image")
+    parser.add_argument("--class-steps", type=int, default=25, help="our sampler's steps per class image")
+    parser.add_argument(
+        "--reference-class-steps",
+        type=int,
+        default=50,
+        help="the reference's steps per class image (50: the pipeline's default, which the example uses)",
+    )
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -216,21 +223,18 @@ def run_reference(args: argparse.Namespace, pipe, clock: Clock, work: Path) -> N
     from peft.utils import get_peft_model_state_dict
 
     from db_adapters.data import image_batch
-    from db_adapters.prior import generate_images, generation_setup
 
     resolution, device = RESOLUTION[args.pipeline], torch.device(args.device)
     torch.manual_seed(0)
     start = time.perf_counter()
-    with generation_setup(pipe, "dpmsolver++"):
-        class_images = generate_images(
-            pipe,
-            f"a {PROMPT_CLASS}",
-            list(range(args.class_images)),
-            resolution,
-            num_inference_steps=args.class_steps,
-            batch_size=4,
-            guidance_scale=7.5,
-        )
+    # The example's class images: `pipeline(example["prompt"]).images` over batches of `sample_batch_size`
+    # (4): the pipeline's own scheduler (PNDM, as SD 1.5 ships) at its default guidance (7.5) and steps.
+    class_images = []
+    for first in range(0, args.class_images, 4):
+        count = min(4, args.class_images - first)
+        with torch.no_grad():
+            out = pipe([f"a {PROMPT_CLASS}"] * count, num_inference_steps=args.reference_class_steps)
+        class_images += out.images
     clock.phases["class_images_s"] = time.perf_counter() - start
     clock.peak_by["class_images_s"] = _peak_rss_mb()
     clock.phases["encoding_s"] = 0.0  # the reference encodes inside every step
@@ -379,7 +383,8 @@ def compare(args: argparse.Namespace) -> dict[str, dict]:
 
 def _passed_on(args: argparse.Namespace) -> list[str]:
     passed = ["--pipeline", args.pipeline, "--steps", str(args.steps), "--class-images", str(args.class_images)]
-    passed += ["--class-steps", str(args.class_steps), "--rank", str(args.rank), "--device", args.device]
+    passed += ["--class-steps", str(args.class_steps), "--reference-class-steps", str(args.reference_class_steps)]
+    passed += ["--rank", str(args.rank), "--device", args.device]
     return passed + (["--threads", str(args.threads)] if args.threads else [])
 
 

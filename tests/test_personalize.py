@@ -274,6 +274,28 @@ def test_mixed_precision_left_unset_matches_the_pipeline(pipeline_dtype, mixed_p
     assert resolve_mixed_precision(mixed_precision, getattr(torch, pipeline_dtype)) == expected
 
 
+@pytest.mark.parametrize(("bf16_supported", "expected"), [(True, "bf16"), (False, "no")])
+def test_a_float32_pipeline_on_a_gpu_trains_in_bf16_where_the_gpu_supports_it(bf16_supported, expected, monkeypatch):
+    from db_adapters import plan
+
+    monkeypatch.setattr(plan, "_cuda_bf16_supported", lambda: bf16_supported)
+    assert plan.resolve_mixed_precision(None, torch.float32, torch.device("cuda", 0)) == expected
+    assert plan.resolve_mixed_precision(None, torch.float32, torch.device("cpu")) == "no"
+    assert plan.resolve_mixed_precision("no", torch.float32, torch.device("cuda", 0)) == "no"  # asked for: kept
+    assert plan.resolve_mixed_precision(None, torch.float16, torch.device("cuda", 0)) == "fp16"
+
+
+def test_class_images_follow_the_runs_precision_unless_told(subject_images, fast, monkeypatch):
+    from db_adapters import api
+
+    seen = []
+    real = api.make_class_images
+    monkeypatch.setattr(api, "make_class_images", lambda *a, **k: seen.append(k["precision"]) or real(*a, **k))
+    personalize(tiny_pipeline(), subject_images, "dog", **fast)
+    personalize(tiny_pipeline(), subject_images, "dog", class_precision="bf16", **fast)
+    assert seen == ["no", "bf16"]
+
+
 @pytest.mark.parametrize("mixed_precision", ["no", "fp16"])
 def test_a_half_pipeline_under_another_precision_is_refused_naming_both(mixed_precision, subject_images, fast):
     pipe = tiny_pipeline().to(dtype=torch.bfloat16)
@@ -318,7 +340,7 @@ def test_8bit_adam_state_is_uint8():
     assert state["state1"].dtype == torch.uint8 and state["state2"].dtype == torch.uint8
 
 
-def test_fused_adamw_is_chosen_only_for_floating_cuda_tensors():
+def test_fused_adamw_is_chosen_for_floating_tensors_all_on_cuda_or_all_on_the_cpu():
     from types import SimpleNamespace
 
     from db_adapters.trainer import fused_adamw_suits
@@ -327,19 +349,31 @@ def test_fused_adamw_is_chosen_only_for_floating_cuda_tensors():
         return SimpleNamespace(device=torch.device(device), dtype=dtype)
 
     assert fused_adamw_suits([on("cuda"), on("cuda:1", torch.bfloat16)])
-    assert not fused_adamw_suits([on("cuda"), on("cpu")])  # one tensor off the GPU: torch's own choice
+    assert fused_adamw_suits([on("cpu")])
+    assert not fused_adamw_suits([on("cuda"), on("mps")])  # one tensor elsewhere: torch's own choice
     assert not fused_adamw_suits([on("cuda", torch.int8)])
-    assert not fused_adamw_suits([on("cpu")])
     assert not fused_adamw_suits([])
 
 
-def test_cpu_training_keeps_torch_default_adamw():
+def test_cpu_training_uses_fused_adamw_with_the_for_loop_adamws_numbers():
     from db_adapters.config import TrainConfig
     from db_adapters.trainer import make_optimizer
 
-    layer = torch.nn.Linear(4, 4)
-    optimizer = make_optimizer([{"params": list(layer.parameters()), "lr": 1e-3}], TrainConfig())
-    assert isinstance(optimizer, torch.optim.AdamW) and not optimizer.param_groups[0]["fused"]
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(4, 4) for _ in range(2)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    fused = make_optimizer([{"params": list(layers[0].parameters()), "lr": 1e-2}], TrainConfig())
+    loop = torch.optim.AdamW(layers[1].parameters(), lr=1e-2, weight_decay=1e-2, foreach=False)
+    assert fused.param_groups[0]["fused"]
+    initial = layers[0].weight.detach().clone()
+    inputs = torch.randn(8, 4)
+    for _ in range(5):
+        for layer, optimizer in zip(layers, (fused, loop), strict=True):
+            layer(inputs).pow(2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    assert (layers[0].weight - initial).abs().max() > 1e-3  # the steps moved the weights
+    torch.testing.assert_close(layers[0].weight, layers[1].weight, rtol=1e-5, atol=1e-6)
 
 
 def test_8bit_adam_trains_the_tiny_pipeline(subject_images, tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+import torch
 from PIL import Image
 
 from db_adapters import InputError, personalize
@@ -58,6 +59,26 @@ def test_sampler_swapped_and_safety_checker_off_only_while_generating(tmp_path, 
     assert counting["schedulers"] == {"DPMSolverMultistepScheduler"}
     assert counting["checkers"] == {None}
     assert pipe.scheduler is scheduler and pipe.safety_checker is sentinel
+
+
+def test_vae_decodes_one_image_at_a_time_while_generating_and_as_before_after(tmp_path, monkeypatch):
+    pipe = tiny_pipeline()
+    batches = []
+    decode = pipe.vae.decoder.forward
+    monkeypatch.setattr(pipe.vae.decoder, "forward", lambda z, *a, **k: batches.append(len(z)) or decode(z, *a, **k))
+    generate(pipe, tmp_path, count=4, batch_size=4)
+    assert batches == [1, 1, 1, 1]
+    assert pipe.vae.use_slicing is False
+
+
+def test_half_precision_class_images_have_their_own_cache_and_differ(tmp_path):
+    pipe = tiny_pipeline()
+    full = generate(pipe, tmp_path, count=2)
+    half = generate(pipe, tmp_path, count=2, precision="bf16")
+    assert len(list(tmp_path.iterdir())) == 2  # a second cache folder, and the first one's key unchanged
+    assert (tmp_path / cache_key("fp", "a dog", 32, 2, 0, sampler="dpmsolver++", steps=2, guidance_scale=7.5)).is_dir()
+    assert any(list(a.getdata()) != list(b.getdata()) for a, b in zip(full, half, strict=True))
+    assert not torch.is_autocast_enabled("cpu")  # the autocast ended with the generation
 
 
 def test_batching_is_configurable(tmp_path, counting):

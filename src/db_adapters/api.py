@@ -225,6 +225,7 @@ def _prior_images(pipe: DiffusionPipeline, plan: RunPlan) -> dict[str, list[Imag
             guidance_scale=config.class_guidance_scale,
             batch_size=config.class_batch_size,
             given=given,
+            precision=config.class_precision,
         )
         for prompt, given in class_groups(plan.subjects).items()
     }

@@ -117,7 +117,8 @@ class TrainConfig:
     mixed_precision: str | None = setting(
         None,
         "'no' (fp32), 'fp16' or 'bf16' autocast; None matches the pipeline's dtype (fp16 -> fp16 with loss "
-        "scaling, bf16 -> bf16, fp32 -> no). Trainable weights stay fp32.",
+        "scaling, bf16 -> bf16), and a float32 pipeline trains in bf16 on a GPU that supports it (else fp32). "
+        "Trainable weights stay fp32.",
         choices=MIXED_PRECISION,
     )
     use_8bit_adam: bool = setting(False, "bitsandbytes' 8-bit AdamW (optimizer state in uint8).")
@@ -161,6 +162,12 @@ class TrainConfig:
         None, "Classifier-free guidance of the class images; None: the pipeline's own default."
     )
     class_batch_size: int = setting(4, "Class images generated per pipeline call.")
+    class_precision: str | None = setting(
+        None,
+        "Autocast of the class-image generation: 'no', 'fp16' or 'bf16'; None: the run's mixed precision "
+        "(half precision on a GPU, full on the CPU).",
+        choices=MIXED_PRECISION,
+    )
     class_image_dir: Path | None = setting(None, "The class-image cache; None: output_dir/class_images.")
     seed: int = setting(0, "Seeds the identifier choice, class images, initial weights, noise and data order.")
     output_dir: Path | None = setting(None, "The run's files: class-image cache, previews, checkpoints.")
@@ -203,8 +210,9 @@ class TrainConfig:
             )
         if not isinstance(self.lr_warmup_steps, int) or self.lr_warmup_steps < 0:
             raise InputError(f"lr_warmup_steps={self.lr_warmup_steps!r} must be an integer >= 0.")
-        if self.mixed_precision is not None:
-            self._check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        for name in ("mixed_precision", "class_precision"):
+            if getattr(self, name) is not None:
+                self._check_choice(name, getattr(self, name), MIXED_PRECISION)
         self._check_choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
         if self.class_sampler is not None:
             self._check_choice("class_sampler", self.class_sampler, CLASS_SAMPLERS)

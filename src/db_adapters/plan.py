@@ -145,6 +145,8 @@ def _resolve_defaults(pipe: Any, family: type[Family], strategy: Strategy, confi
 
     learning_rate = pick("learning_rate", strategy.default_learning_rate)
     _check_family_settings(pipe, family, config)
+    denoiser = getattr(pipe, family.denoiser)
+    mixed_precision = resolve_mixed_precision(config.mixed_precision, denoiser.dtype, denoiser.device)
     return dataclasses.replace(
         config,
         steps=pick("steps", DEFAULT_STEPS),
@@ -156,7 +158,8 @@ def _resolve_defaults(pipe: Any, family: type[Family], strategy: Strategy, confi
         class_guidance_scale=_class_guidance(pipe, config.class_guidance_scale),
         class_sampler=config.class_sampler or family.class_samplers[0],
         resolution=pick("resolution", None) or family.native_resolution(pipe),
-        mixed_precision=resolve_mixed_precision(config.mixed_precision, getattr(pipe, family.denoiser).dtype),
+        mixed_precision=mixed_precision,
+        class_precision=config.class_precision or mixed_precision,
         offload_frozen=offload_wanted(config.offload_frozen, getattr(pipe, family.denoiser).device),
     )
 
@@ -175,27 +178,31 @@ def _check_family_settings(pipe: Any, family: type[Family], config: TrainConfig)
         )
 
 
-def resolve_mixed_precision(requested: str | None, dtype: torch.dtype) -> str:
+def resolve_mixed_precision(requested: str | None, dtype: torch.dtype, device: torch.device | None = None) -> str:
     """The autocast a run uses: `requested`, or the one matching the pipeline's dtype when None.
 
-    fp16 pipeline -> "fp16" (autocast with a gradient scaler), bf16 -> "bf16", fp32 -> "no";
-    trainable weights are fp32 in every case. A half-precision pipeline under another autocast (or
+    fp16 pipeline -> "fp16" (autocast with a gradient scaler), bf16 -> "bf16", fp32 -> "bf16" on a
+    CUDA GPU that supports it (Ampere and later: as fast as fp16, no loss scaling), else "no".
+    Trainable weights are fp32 in every case. A half-precision pipeline under another autocast (or
     none) would train on half weights without a scaler, or mix fp16 and bf16: refused.
 
     Args:
         requested (`str | None`): "no", "fp16", "bf16", or None to match the pipeline.
         dtype (`torch.dtype`): the denoiser's dtype.
+        device (`torch.device | None`): where the denoiser is (None: the CPU).
 
     Example:
         >>> import torch
-        >>> resolve_mixed_precision(None, torch.bfloat16)
-        'bf16'
+        >>> resolve_mixed_precision(None, torch.bfloat16), resolve_mixed_precision(None, torch.float32)
+        ('bf16', 'no')
     """
     name = str(dtype).removeprefix("torch.")
     matching = _MATCHING_PRECISION.get(name)
     if matching is None:
         raise InputError(f"the pipeline's denoiser is in {name}; load it in float32, float16 or bfloat16.")
     if requested is None:
+        if matching == "no" and device is not None and device.type == "cuda" and _cuda_bf16_supported():
+            return "bf16"
         return matching
     if name != "float32" and requested != matching:
         raise InputError(
@@ -203,6 +210,12 @@ def resolve_mixed_precision(requested: str | None, dtype: torch.dtype) -> str:
             f"use mixed_precision={matching!r} (or leave it unset to match), or load the pipeline in float32."
         )
     return requested
+
+
+def _cuda_bf16_supported() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
 def _class_guidance(pipe: Any, requested: float | None) -> float:

@@ -76,16 +76,46 @@ def _sampler(pipe: DiffusionPipeline, name: str) -> Any:
 
 
 @contextmanager
-def generation_setup(pipe: DiffusionPipeline, sampler: str) -> Iterator[None]:
-    """Swap in the class-image sampler and switch the safety checker off, restoring both after."""
+def generation_setup(pipe: DiffusionPipeline, sampler: str, precision: str = "no") -> Iterator[None]:
+    """Set the pipeline up for class images, and back as it was after.
+
+    The class-image sampler is swapped in; the safety checker is off; the VAE decodes one image at a
+    time (diffusers' VAE slicing: the decoder's full-resolution activations are the peak memory of a
+    batch, e.g. several GB for four SDXL images); with `precision` "fp16" or "bf16", the pipeline
+    runs under that autocast (class images in half precision on a float32 pipeline).
+
+    Args:
+        pipe (`DiffusionPipeline`): the frozen base pipeline.
+        sampler (`str`): one of `config.CLASS_SAMPLERS`.
+        precision (`str`): "no", "fp16" or "bf16".
+
+    Example:
+        >>> from db_adapters.testing import tiny_pipeline
+        >>> pipe = tiny_pipeline()
+        >>> with generation_setup(pipe, "ddim"):
+        ...     type(pipe.scheduler).__name__, pipe.vae.use_slicing
+        ('DDIMScheduler', True)
+        >>> pipe.vae.use_slicing
+        False
+    """
+    import torch
+
     scheduler, checker = pipe.scheduler, getattr(pipe, "safety_checker", None)
+    vae = getattr(pipe, "vae", None)
+    slicing = getattr(vae, "use_slicing", None)
     # The safety checker replaces flagged images with black ones silently; black images are
     # rejected below instead, so a flagged class prompt is an error, not a poisoned prior.
     pipe.scheduler, pipe.safety_checker = _sampler(pipe, sampler), None
+    if slicing is not None:
+        vae.use_slicing = True
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
     try:
-        yield
+        with torch.autocast(pipe.device.type, dtype=dtype, enabled=dtype is not None):
+            yield
     finally:
         pipe.scheduler, pipe.safety_checker = scheduler, checker
+        if slicing is not None:
+            vae.use_slicing = slicing
 
 
 def is_black(image: Image.Image) -> bool:
@@ -138,6 +168,7 @@ def class_images(
     guidance_scale: float = 7.5,
     batch_size: int = 4,
     given: Sequence[Image.Image] = (),
+    precision: str = "no",
 ) -> list[Image.Image]:
     """Return `count` class images: the user's `given` ones first, the rest generated and cached.
 
@@ -154,6 +185,7 @@ def class_images(
         guidance_scale (`float`): classifier-free guidance scale.
         batch_size (`int`): images per pipeline call.
         given (`Sequence[PIL.Image]`): the user's own class images.
+        precision (`str`): "no", or "fp16"/"bf16" to generate under that autocast.
 
     Example:
         >>> from db_adapters.testing import tiny_pipeline
@@ -175,6 +207,8 @@ def class_images(
             class_prompt,
         )
     sampling = {"sampler": sampler, "steps": num_inference_steps, "guidance_scale": guidance_scale}
+    if precision != "no":  # only then, so the caches of full-precision runs keep their keys
+        sampling["precision"] = precision
     folder = Path(cache_dir) / cache_key(base_fingerprint, class_prompt, resolution, missing, seed, **sampling)
     return given + _cached_generation(pipe, class_prompt, missing, resolution, seed, folder, sampling, batch_size)
 
@@ -207,7 +241,7 @@ def _cached_generation(
             def write(index: int, image: Image.Image) -> None:
                 write_atomically(paths[index], lambda tmp: image.save(tmp, format="PNG"))
 
-        with generation_setup(pipe, sampling["sampler"]):
+        with generation_setup(pipe, sampling["sampler"], sampling.get("precision", "no")):
             made, failed = _generate_shared(pipe, prompt, todo, resolution, seed, sampling, batch_size, procs, write)
         if procs.is_main and not failed:
             info = {"prompt": prompt, "count": count, "seed": seed, **sampling}

@@ -161,7 +161,7 @@ def _make_accelerator(config: TrainConfig, device: torch.device) -> Any:
 
 
 def make_optimizer(groups: list[dict[str, Any]], config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW (fused when every trainable tensor is on CUDA), or bitsandbytes' 8-bit AdamW with `use_8bit_adam`."""
+    """AdamW (fused when every trainable tensor is on CUDA or the CPU), or bitsandbytes' 8-bit AdamW."""
     import torch
 
     kwargs = {
@@ -174,25 +174,29 @@ def make_optimizer(groups: list[dict[str, Any]], config: TrainConfig) -> torch.o
 
         return bnb.optim.AdamW8bit(groups, min_8bit_size=config.adam_min_8bit_size, **kwargs)
     parameters = [p for group in groups for p in group["params"]]
-    # None leaves the choice to torch (foreach on CUDA, a for-loop on the CPU).
+    # None leaves the choice to torch (foreach elsewhere, e.g. on MPS).
     return torch.optim.AdamW(groups, fused=True if fused_adamw_suits(parameters) else None, **kwargs)
 
 
 def fused_adamw_suits(parameters: Sequence[torch.Tensor]) -> bool:
-    """Whether torch's fused AdamW (one kernel for every tensor) can update `parameters`: all floating, on CUDA.
+    """Whether torch's fused AdamW (one kernel for every tensor) can update `parameters`: all floating, on CUDA or CPU.
+
+    torch's own default on the CPU is a for-loop over the tensors that reads each one's step count
+    with `.item()`: 256 host syncs a step for a rank-4 LoRA on SD's UNet, and a profiled 9 ms of a
+    0.26 s step on the medium benchmark pipeline; fused takes it to one kernel call.
 
     Args:
         parameters (`Sequence[torch.Tensor]`): the trainable tensors.
 
     Example:
         >>> import torch
-        >>> fused_adamw_suits([torch.nn.Parameter(torch.zeros(2))])  # on the CPU: torch's default AdamW
-        False
+        >>> fused_adamw_suits([torch.nn.Parameter(torch.zeros(2))])
+        True
     """
     import torch
 
     floating = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-    return bool(parameters) and all(p.device.type == "cuda" and p.dtype in floating for p in parameters)
+    return bool(parameters) and all(p.device.type in ("cuda", "cpu") and p.dtype in floating for p in parameters)
 
 
 @contextmanager
@@ -254,6 +258,7 @@ class Trainer:
         self.objective = self.family.objective(pipe, self.config)
         self.loss = self.objective.loss(self.config.prior_loss_weight)
         self.history: list[dict[str, float]] = []
+        self._input_dtype: torch.dtype | None = None  # read at the first step, after the strategy applied
 
     def run(self) -> list[dict[str, float]]:
         config = self.config
@@ -493,7 +498,10 @@ class Trainer:
         if self.data.prior is not None:
             halves.append(self._half_batch(self.data.prior, self._priors))
         both = HalfBatch.concatenate(halves)  # drawn on the CPU generator: one copy of each tensor to the device
-        inputs = both.to(self.device, getattr(self.pipe, self.family.denoiser).dtype)
+        if self._input_dtype is None:
+            # Once: diffusers' `ModelMixin.dtype` walks every submodule, 8 ms a step on a medium UNet.
+            self._input_dtype = getattr(self.pipe, self.family.denoiser).dtype
+        inputs = both.to(self.device, self._input_dtype)
         with accelerator.autocast():
             prediction = self.family.predict(
                 self._models[self.family.denoiser], inputs.noisy, inputs.timesteps, inputs.conditioning

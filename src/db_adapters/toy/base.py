@@ -1,12 +1,15 @@
 """The toy base model: a real, tiny `StableDiffusionPipeline` for the toy world, and where it ships.
 
-Architecture (chosen to train from scratch on 2 CPU cores in about two hours):
-- `AutoencoderKL` with one downsampling: 32x32 RGB <-> 16x16x4 latents.
-- `UNet2DConditionModel` on 16x16 latents, channels (32, 64, 64), cross-attention in the two lower
-  levels, about 1.7M parameters.
-- `CLIPTextModel` with 3 layers of width 64 over a CLIP-format BPE (4,096 tokens) whose corpus
-  weights the world's caption words up, so they are single tokens; its rare band is never seen
-  in training captions, which is what the rare-token binder relies on.
+Architecture (`ARCHITECTURES`; "v2" is the shipped one, "v1" the first, which followed "a {colour}
+{pattern} {class}" but rarely drew a named second colour or mark):
+- `AutoencoderKL` with one downsampling: 32x32 RGB <-> 16x16x4 latents (the same in both).
+- `UNet2DConditionModel` on 16x16 latents with cross-attention in the two lower levels. v2: channels
+  (64, 96, 128), about 5.6M parameters, and the pooled prompt added to the timestep embedding
+  (`addition_embed_type="text"`), so the 16x16 level, which has no cross-attention, also hears the
+  prompt. v1: channels (32, 64, 64), 1.7M parameters.
+- `CLIPTextModel` over a CLIP-format BPE (4,096 tokens) whose corpus weights the world's caption
+  words up, so they are single tokens; its rare band is never seen in training captions, which is
+  what the rare-token binder relies on. v2: 4 layers of width 128; v1: 3 of width 64.
 - A DPM-Solver++ scheduler for sampling; training noise is SD's DDPM schedule (scaled linear betas).
 """
 
@@ -23,7 +26,12 @@ if TYPE_CHECKING:
 RESOLUTION = 32
 LATENT_SIZE = 16
 MAX_TOKENS = 24  # the longest caption is ~16 tokens; a short context keeps the text encoder cheap
-TEXT_WIDTH = 64
+# Each architecture's UNet settings and text-encoder width and depth (the UNet's cross-attention width
+# is the text encoder's). The UNet's other settings are shared (`build_unet`).
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "v1": {"channels": (32, 64, 64), "text_width": 64, "text_layers": 3, "pooled_text": False},
+    "v2": {"channels": (64, 96, 128), "text_width": 128, "text_layers": 4, "pooled_text": True},
+}
 SCHEDULER_CONFIG = {
     "beta_start": 0.00085,
     "beta_end": 0.012,
@@ -86,32 +94,37 @@ def build_vae() -> Any:
     )
 
 
-def build_unet() -> Any:
+def build_unet(architecture: str = "v2") -> Any:
     from diffusers import UNet2DConditionModel
 
+    settings = ARCHITECTURES[architecture]
+    # v2: the pooled prompt joins the timestep embedding, which every ResNet block reads.
+    pooled = {"addition_embed_type": "text", "addition_embed_type_num_heads": 4} if settings["pooled_text"] else {}
     return UNet2DConditionModel(
         sample_size=LATENT_SIZE,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(32, 64, 64),
+        block_out_channels=settings["channels"],
         layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=TEXT_WIDTH,
+        cross_attention_dim=settings["text_width"],
         attention_head_dim=8,
         norm_num_groups=16,
+        **pooled,
     )
 
 
-def build_text_encoder(tokenizer: Any) -> Any:
+def build_text_encoder(tokenizer: Any, architecture: str = "v2") -> Any:
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    width, layers = ARCHITECTURES[architecture]["text_width"], ARCHITECTURES[architecture]["text_layers"]
     return CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
-            hidden_size=TEXT_WIDTH,
-            intermediate_size=4 * TEXT_WIDTH,
-            num_hidden_layers=3,
+            hidden_size=width,
+            intermediate_size=4 * width,
+            num_hidden_layers=layers,
             num_attention_heads=4,
             max_position_embeddings=MAX_TOKENS,
             bos_token_id=tokenizer.bos_token_id,

@@ -7,9 +7,13 @@ Stages, each skipped when its output exists, each checkpointing so an interrupte
 2. `vae`      train the AutoencoderKL (L1 + MSE reconstruction, tiny KL) and set its scaling factor.
 3. `latents`  encode every image once (mean and std of the latent Gaussian).
 4. `denoiser` train UNet and text encoder jointly on latents, captions drawn with random omissions
-              (and 10% empty, for classifier-free guidance); EMA weights are what ships.
+              (10% empty, for classifier-free guidance; 10% the class noun alone, so "a box" keeps
+              meaning every box), min-SNR weighted; EMA weights are what ships.
 5. `export`   assemble the EMA weights into a `StableDiffusionPipeline` folder `work_dir/pipeline`.
 Losses go to `work_dir/*_loss.csv`; the settings and wall time of every stage to `work_dir/recipe.json`.
+
+The defaults are the shipped (v2) model's recipe. The first model (v1) was `architecture="v1",
+caption_omission=0.5, class_only_captions=0.0, snr_gamma=None, steps=8000, export_unet_dtype="float32"`.
 """
 
 from __future__ import annotations
@@ -31,9 +35,10 @@ from ..checkpoint import (
     save_checkpoint,
 )
 from ..files import save_tensors
+from ..loss import PriorPreservationLoss
 from ..pipelines import RECOMMENDATIONS_FILE
 from . import base
-from .world import ATTRIBUTES, random_caption, sample_attributes
+from .world import ATTRIBUTES, caption, random_caption, sample_attributes
 
 
 @dataclass
@@ -41,17 +46,25 @@ class PretrainConfig:
     """Settings of the recipe; the defaults produced the shipped weights."""
 
     work_dir: Path
+    architecture: str = "v2"  # a key of base.ARCHITECTURES
     seed: int = 0
     num_images: int = 40_000
     vae_steps: int = 1_200
     vae_batch_size: int = 32
     vae_learning_rate: float = 1e-3
     vae_kl_weight: float = 1e-6
-    steps: int = 8_000
+    steps: int = 12_000
     batch_size: int = 64
     learning_rate: float = 5e-4
     warmup_steps: int = 300
     caption_dropout: float = 0.1
+    # Each optional phrase of a caption is left out with this probability (v1: 0.5, so only 1 caption
+    # in 32 named everything and a named second colour or mark was rarely drawn).
+    caption_omission: float = 0.3
+    class_only_captions: float = 0.1  # captions that are the class noun alone ("a box")
+    snr_gamma: float | None = 5.0  # min-SNR loss weighting (Hang et al. 2023); None: plain MSE
+    # The UNet's weights are written in this dtype (the package's size limit); loading upcasts to float32.
+    export_unet_dtype: str = "float16"
     ema_decay: float = 0.999
     checkpoint_every: int = 250
     log_every: int = 25
@@ -305,12 +318,14 @@ def stage_denoiser(config: PretrainConfig, work: Path, deadline: float | None) -
     scale = AutoencoderKL.load_config(work / "vae")["scaling_factor"]
     tokenizer = _tokenizer(work / "tokenizer")
     torch.manual_seed(config.seed + 1)
-    unet, text_encoder = base.build_unet(), base.build_text_encoder(tokenizer)
+    unet = base.build_unet(config.architecture)
+    text_encoder = base.build_text_encoder(tokenizer, config.architecture)
     unet.to(config.device), text_encoder.to(config.device)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=1e-2)
     ema = EMAModel(params, decay=config.ema_decay)
     noise_scheduler = DDPMScheduler(**base.SCHEDULER_CONFIG)
+    weighting = PriorPreservationLoss.from_scheduler(noise_scheduler, snr_gamma=config.snr_gamma)
     generator = torch.Generator().manual_seed(config.seed + 2)
     captions = random.Random(config.seed + 3)
     loop = Loop(config, work, "denoiser", deadline)
@@ -331,7 +346,17 @@ def stage_denoiser(config: PretrainConfig, work: Path, deadline: float | None) -
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss = _denoiser_step(
-            unet, text_encoder, tokenizer, noise_scheduler, latents, codes, scale, config, generator, captions
+            unet,
+            text_encoder,
+            tokenizer,
+            noise_scheduler,
+            weighting,
+            latents,
+            codes,
+            scale,
+            config,
+            generator,
+            captions,
         )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -377,31 +402,39 @@ def _as_random_state(state: list) -> tuple:
     return (state[0], tuple(state[1]), state[2])
 
 
-def _denoiser_step(unet, text_encoder, tokenizer, noise_scheduler, latents, codes, scale, config, generator, captions):
+def _denoiser_step(
+    unet, text_encoder, tokenizer, noise_scheduler, weighting, latents, codes, scale, config, generator, captions
+):
     import torch
 
     device = config.device
     index = torch.randint(0, codes.shape[0], (config.batch_size,), generator=generator)
     mean, std = latents["mean"][index], latents["std"][index]
     x0 = ((mean + std * torch.randn(mean.shape, generator=generator)) * scale).to(device)
-    texts = [
-        ""
-        if captions.random() < config.caption_dropout
-        else random_caption(attribute_dict(codes[i].tolist()), captions)
-        for i in index
-    ]
+    texts = [_training_caption(codes[i].tolist(), config, captions) for i in index]
     ids = tokenizer(texts, padding="max_length", max_length=base.MAX_TOKENS, truncation=True, return_tensors="pt")
     embeds = text_encoder(ids.input_ids.to(device))[0]
     noise = torch.randn(x0.shape, generator=generator).to(device)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (x0.shape[0],), generator=generator)
     timesteps = timesteps.to(device)
     prediction = unet(noise_scheduler.add_noise(x0, noise, timesteps), timesteps, embeds).sample
-    return torch.nn.functional.mse_loss(prediction, noise)
+    if config.snr_gamma is None:
+        return torch.nn.functional.mse_loss(prediction, noise)
+    per_sample = (prediction - noise).pow(2).mean(dim=(1, 2, 3))
+    return (per_sample * weighting.timestep_weights(timesteps)).mean()
 
 
-def _training_caption(codes: list[int], dropout: float, rng: random.Random) -> str:
-    # An empty caption now and then teaches the unconditional prediction that guidance needs.
-    return "" if rng.random() < dropout else random_caption(attribute_dict(codes), rng)
+def _training_caption(codes: list[int], config: PretrainConfig, rng: random.Random) -> str:
+    # An empty caption now and then teaches the unconditional prediction that guidance needs; the
+    # class noun alone teaches that "a box" is any box. One draw decides which, so with
+    # class_only_captions=0 the draws are v1's.
+    draw = rng.random()
+    if draw < config.caption_dropout:
+        return ""
+    attributes = attribute_dict(codes)
+    if draw < config.caption_dropout + config.class_only_captions:
+        return caption(cls=attributes["cls"])
+    return random_caption(attributes, rng, omission=config.caption_omission)
 
 
 def pipeline_parts(work: Path, unet: Any, text_encoder: Any) -> None:
@@ -413,6 +446,7 @@ def pipeline_parts(work: Path, unet: Any, text_encoder: Any) -> None:
 
 
 def stage_export(config: PretrainConfig, work: Path, deadline: float | None) -> float | None:
+    import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -425,6 +459,7 @@ def stage_export(config: PretrainConfig, work: Path, deadline: float | None) -> 
         CLIPTextModel.from_pretrained(work / "text_encoder"),
         tokenizer,
     )
+    pipe.unet.to(getattr(torch, config.export_unet_dtype))
     pipe.save_pretrained(work / "pipeline")
     # Settings `personalize` uses for this model when the caller leaves them out.
     (work / "pipeline" / RECOMMENDATIONS_FILE).write_text(json.dumps(base.RECOMMENDED, indent=1))

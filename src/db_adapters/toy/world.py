@@ -544,16 +544,17 @@ def caption(**attributes: str) -> str:
     return f"{_article(text)} {text}"
 
 
-def random_caption(attributes: Mapping[str, str], rng: int | random.Random) -> str:
+def random_caption(attributes: Mapping[str, str], rng: int | random.Random, omission: float = DROP_PROBABILITY) -> str:
     """A training caption for `attributes` with random omissions; the class noun is never dropped.
 
-    color, pattern, second_color, mark and scene are each dropped with probability `DROP_PROBABILITY`
+    color, pattern, second_color, mark and scene are each dropped with probability `omission`
     (dropping the pattern drops its colour too), so "a box" alone appears in training and, over
     many images, stands for every box: the class prior that prior preservation protects.
 
     Args:
         attributes: The image's attributes, e.g. from `sample_attributes`; must include cls.
         rng: A `random.Random`, or a seed for one.
+        omission: The probability of leaving out each optional phrase.
 
     Example:
         >>> attributes = sample_attributes(0)
@@ -564,7 +565,7 @@ def random_caption(attributes: Mapping[str, str], rng: int | random.Random) -> s
     kept = dict(attributes)
     for name in ("color", "pattern", "second_color", "mark", "scene"):
         # One draw per name whether present or not, so a caption's omissions depend only on the rng.
-        if rng.random() < DROP_PROBABILITY:
+        if rng.random() < omission:
             kept.pop(name, None)
     if "pattern" not in kept:
         kept.pop("second_color", None)
