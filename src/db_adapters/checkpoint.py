@@ -58,6 +58,7 @@ NOT_IN_FINGERPRINT = frozenset(
         "validation_steps",
         "gradient_checkpointing",
         "class_batch_size",
+        "memory",  # a preset: what it chose (8-bit Adam, a quantized base) is compared setting by setting
     }
 )
 

@@ -30,6 +30,7 @@ CLASS_SAMPLERS = ("dpmsolver++", "ddim", "euler", "ddpm", "pipeline")
 TIMESTEP_DENSITIES = ("uniform", "logit_normal", "mode")
 FLOW_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
 QUANTIZATIONS = ("nf4", "int8")
+MEMORY_PRESETS = ("24gb", "16gb", "12gb", "8gb")
 
 
 def setting(
@@ -121,7 +122,15 @@ class TrainConfig:
         "Trainable weights stay fp32.",
         choices=MIXED_PRECISION,
     )
-    use_8bit_adam: bool = setting(False, "bitsandbytes' 8-bit AdamW (optimizer state in uint8).")
+    memory: str | None = setting(
+        None,
+        "GPU memory preset, '24gb', '16gb', '12gb' or '8gb': chooses gradient checkpointing, 8-bit Adam, "
+        "offloading and a quantized base (LoRA) for those settings left unset (README: Memory presets).",
+        choices=MEMORY_PRESETS,
+    )
+    use_8bit_adam: bool | None = setting(
+        None, "bitsandbytes' 8-bit AdamW (optimizer state in uint8); None: off, or as `memory` chooses."
+    )
     quantize_base: str | None = setting(
         None,
         "Train LoRA on the frozen denoiser quantized by bitsandbytes (QLoRA): 'nf4' or 'int8'; needs CUDA. The "
@@ -137,7 +146,9 @@ class TrainConfig:
     adam_betas: tuple[float, float] = setting((0.9, 0.999), "AdamW betas.", cli=False)
     adam_weight_decay: float = setting(1e-2, "AdamW weight decay.")
     adam_epsilon: float = setting(1e-8, "AdamW epsilon.", cli=False)
-    gradient_checkpointing: bool = setting(False, "Recompute activations in the backward pass: less memory, slower.")
+    gradient_checkpointing: bool | None = setting(
+        None, "Recompute activations in the backward pass: less memory, slower; None: off, or as `memory` chooses."
+    )
     compile: bool = setting(
         False, "torch.compile the denoiser for training: faster steps on CUDA after a slow first one (compiling)."
     )
@@ -210,6 +221,8 @@ class TrainConfig:
             )
         if not isinstance(self.lr_warmup_steps, int) or self.lr_warmup_steps < 0:
             raise InputError(f"lr_warmup_steps={self.lr_warmup_steps!r} must be an integer >= 0.")
+        if self.memory is not None:
+            self._check_choice("memory", self.memory, MEMORY_PRESETS)
         for name in ("mixed_precision", "class_precision"):
             if getattr(self, name) is not None:
                 self._check_choice(name, getattr(self, name), MIXED_PRECISION)

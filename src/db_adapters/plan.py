@@ -24,7 +24,7 @@ from .config import (
 from .data import check_image_sizes, load_images
 from .errors import InputError
 from .families import Family, family_of
-from .memory import offload_wanted
+from .memory import memory_preset, offload_wanted
 from .pipelines import architecture_fingerprint, model_id, recommended_settings, weights_fingerprint
 from .pivotal import new_tokens
 from .quantize import check_quantization
@@ -147,6 +147,7 @@ def _resolve_defaults(pipe: Any, family: type[Family], strategy: Strategy, confi
     _check_family_settings(pipe, family, config)
     denoiser = getattr(pipe, family.denoiser)
     mixed_precision = resolve_mixed_precision(config.mixed_precision, denoiser.dtype, denoiser.device)
+    preset = _memory_preset(pipe, family, strategy, config)
     return dataclasses.replace(
         config,
         steps=pick("steps", DEFAULT_STEPS),
@@ -160,8 +161,37 @@ def _resolve_defaults(pipe: Any, family: type[Family], strategy: Strategy, confi
         resolution=pick("resolution", None) or family.native_resolution(pipe),
         mixed_precision=mixed_precision,
         class_precision=config.class_precision or mixed_precision,
-        offload_frozen=offload_wanted(config.offload_frozen, getattr(pipe, family.denoiser).device),
+        gradient_checkpointing=_unset_or(config.gradient_checkpointing, preset.get("gradient_checkpointing", False)),
+        use_8bit_adam=_unset_or(config.use_8bit_adam, preset.get("use_8bit_adam", False)),
+        quantize_base=_unset_or(config.quantize_base, preset.get("quantize_base")),
+        offload_frozen=offload_wanted(_unset_or(config.offload_frozen, preset.get("offload_frozen")), denoiser.device),
     )
+
+
+def _unset_or(value: Any, fallback: Any) -> Any:
+    return fallback if value is None else value
+
+
+def _memory_preset(pipe: Any, family: type[Family], strategy: Strategy, config: TrainConfig) -> dict[str, Any]:
+    """What `memory=` chooses for this pipeline's denoiser and this strategy (empty without a preset)."""
+    if config.memory is None:
+        return {}
+    denoiser = getattr(pipe, family.denoiser)
+    first = next(denoiser.parameters())
+    chosen = memory_preset(
+        config.memory,
+        sum(p.numel() for p in denoiser.parameters()),
+        first.element_size(),
+        trains_every_weight=strategy.trains_every_weight,
+        can_quantize=strategy.quantized_base_refusal is None,
+    )
+    if chosen["quantize_base"] and config.quantize_base is None and denoiser.device.type != "cuda":
+        raise InputError(
+            f"memory={config.memory!r} quantizes this model's denoiser ({chosen['quantize_base']}) to fit, which "
+            f"needs a CUDA GPU, and the pipeline is on {denoiser.device}; move it with pipe.to('cuda'), or use a "
+            "larger preset."
+        )
+    return chosen
 
 
 def _check_family_settings(pipe: Any, family: type[Family], config: TrainConfig) -> None:

@@ -46,6 +46,9 @@ class Strategy(ABC):
     # Why the strategy cannot train a 4/8-bit quantized denoiser (QLoRA), for the error; None: it can.
     # An instance may decide by its options (LoRA can, DoRA cannot).
     quantized_base_refusal: str | None = None
+    # Whether every weight of the denoiser trains (a full fine-tune: fp32 weights, gradients and AdamW state
+    # for all of them), which is what memory presets must budget for.
+    trains_every_weight: ClassVar[bool] = False
     # The pipeline's family and the components this strategy trains; set by `apply` and `load`.
     family: type[Family] | None = None
     components: tuple[str, ...] = ()

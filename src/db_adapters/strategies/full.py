@@ -26,6 +26,7 @@ class FullFineTune(Strategy):
     name = "full"
     default_learning_rate = 5e-6  # the paper's Stable Diffusion setting
     quantized_base_refusal = "its weights are 4/8-bit and frozen"
+    trains_every_weight = True
 
     def apply(self, pipe: Any, family: type[Family], *, train_text_encoder: bool) -> None:
         import torch
