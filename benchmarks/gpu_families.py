@@ -1,10 +1,10 @@
 """GPU checks of the model families: what a GPU user of SD 1.5 and SDXL hits first, on tiny pipelines.
 
 For each family's tiny pipeline, loaded in fp16, bf16 and fp32 with `mixed_precision` left unset:
-the run's autocast matches the pipeline (fp16 with a gradient scaler), trainable weights stay fp32,
-every loss is finite, and every weight stays on the pipeline's device. With two or more GPUs, a
-pipeline on `cuda:1` must train on `cuda:1`: no parameter, and no allocation beyond the CUDA
-context, may land on `cuda:0`. It prints one line per check and exits non-zero if any failed.
+the run's autocast matches the pipeline (fp16 with a gradient scaler; fp32 -> bf16 on a bf16 GPU),
+trainable weights stay fp32, every loss is finite, and every weight stays on the pipeline's device.
+With two or more GPUs, a pipeline on `cuda:1` must train on `cuda:1`: no parameter, and no
+allocation beyond the CUDA context, may land on `cuda:0`. It prints one line per check and exits non-zero if any failed.
 
 Run on a GPU machine (about a minute):  python benchmarks/gpu_families.py
 Exercised on a CPU (bf16 and fp32 only): python benchmarks/gpu_families.py --device cpu
@@ -70,7 +70,9 @@ def check_precision(family: str, dtype: torch.dtype, device: str) -> list[str]:
     finally:
         Accelerator.__init__ = real_init
     problems = []
-    expected = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "no"}[dtype]
+    # A float32 pipeline trains in bf16 on a GPU that supports it (plan.resolve_mixed_precision).
+    fp32_on_gpu = "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "no"
+    expected = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: fp32_on_gpu}[dtype]
     precision, has_scaler = scalers[-1]
     if precision != expected:
         problems.append(f"mixed_precision {precision}, expected {expected}")
