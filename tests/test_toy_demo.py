@@ -68,3 +68,5 @@ def test_base_model_quality_report_shape(small_toy_dir):
     assert set(report["class_prior"]) == {"box", "ball", "cup", "tent"}
     assert sum(report["class_prior"]["box"]["colors"].values()) == 2
     assert prompt_attributes(5, 0) == prompt_attributes(5, 0) != prompt_attributes(5, 1)
+    assert set(report["met"]["every_colour_and_pattern"]) == {"box", "ball", "cup", "tent"}
+    assert not any(report["met"]["every_colour_and_pattern"].values())  # 2 samples cannot show 8 colours

@@ -62,6 +62,8 @@ class Protocol:
     common_word: str = "night"  # a trained word with a strong (scene) prior, as "a common English word"
     rare_letters: str = "sks"  # the community's pick: split into letters by the toy tokenizer
     full_learning_rate: float = 1e-4  # a fifth of the base model's pretraining rate; LoRA uses the model's 1e-3
+    # The shipped base model the numbers belong to ("v1": the first, 1.7M-parameter UNet; "v2": retrained).
+    base_model: str = "v2"
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -223,6 +225,7 @@ class RunPlan:
     noun: str = "correct"
     identifier: str = "binder"
     steps: int | None = None
+    learning_rate: float | None = None  # None: the toy model's recommendation (`full`: the protocol's)
     strategy_options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -308,6 +311,8 @@ def personalize_as_planned(
     options: dict[str, Any] = dict(plan.strategy_options)
     if plan.strategy == "full":
         options["learning_rate"] = protocol.full_learning_rate
+    if plan.learning_rate is not None:
+        options["learning_rate"] = plan.learning_rate
     if plan.steps is not None:
         options["steps"] = plan.steps
     personalize(

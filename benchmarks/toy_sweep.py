@@ -1,0 +1,124 @@
+"""Choose the toy model's recommended settings: a sweep of steps, learning rate and rank on the easy subjects.
+
+    python benchmarks/toy_sweep.py --strategy lora --steps 300 600 --learning-rates 1e-3 2e-3 --ranks 4 8
+    python benchmarks/toy_sweep.py --strategy full --steps 300 600 --learning-rates 5e-5 1e-4
+    python benchmarks/toy_sweep.py --report          # only rewrite the table from cached runs
+
+Every combination trains on the 4 easy toy subjects only (the hard ones are kept for the report on all 8)
+with prior preservation on, under the toy benchmark's frozen protocol, and is scored by the probe:
+identity rate, prompt fidelity and PRES (`db_adapters.toy.benchmark`). A combination passes when its
+mean identity >= 0.8, fidelity >= 0.8 and PRES <= 0.05 (issue 14); the table marks those, and names
+the cheapest passing one (fewest steps, then lowest rank) as the pick. Runs are cached like the
+benchmark's (`--results-dir/runs/<setting>/<subject>.json`, keyed by the protocol digest), so an
+interrupted sweep continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+from pathlib import Path
+from statistics import mean
+
+from db_adapters.toy.benchmark import PROTOCOL, RunPlan, cached_result, run_one, save_result
+from db_adapters.toy.world import SUBJECTS
+
+RESULTS = Path(__file__).resolve().parent / "results" / "toy_sweep"
+TARGETS = {"identity": 0.8, "fidelity": 0.8}
+MAX_PRES = 0.05
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--strategy", choices=("lora", "full"), default="lora")
+    parser.add_argument("--steps", type=int, nargs="+", default=[300])
+    parser.add_argument("--learning-rates", type=float, nargs="+", default=[1e-3])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[4], help="LoRA rank (ignored for full)")
+    parser.add_argument("--subjects", nargs="+", default=[n for n, s in SUBJECTS.items() if s.difficulty == "easy"])
+    parser.add_argument("--results-dir", type=Path, default=RESULTS)
+    parser.add_argument("--model", default=None, help="toy model folder (default: the shipped one)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--report", action="store_true")
+    return parser.parse_args(argv)
+
+
+def setting_name(strategy: str, steps: int, learning_rate: float, rank: int | None) -> str:
+    name = f"{strategy}-s{steps}-lr{learning_rate:g}"
+    return name + (f"-r{rank}" if rank is not None else "")
+
+
+def plans(args: argparse.Namespace) -> list[RunPlan]:
+    ranks = args.ranks if args.strategy == "lora" else [None]
+    out = []
+    for steps, rate, rank in itertools.product(args.steps, args.learning_rates, ranks):
+        options = {"rank": rank} if rank is not None else {}
+        name = setting_name(args.strategy, steps, rate, rank)
+        out += [
+            RunPlan(name, subject, strategy=args.strategy, steps=steps, learning_rate=rate, strategy_options=options)
+            for subject in args.subjects
+        ]
+    return out
+
+
+def run_missing(args: argparse.Namespace, todo: list[RunPlan]) -> None:
+    from db_adapters.toy import load_base_pipeline, load_probe
+
+    pipe, probe = load_base_pipeline(args.model).to(args.device), load_probe().to(args.device)
+    cache = args.results_dir / "class_images"
+    for plan in todo:
+        if cached_result(args.results_dir, plan.setting, plan.subject) is not None:
+            continue
+        started = time.perf_counter()
+        save_result(args.results_dir, run_one(plan, pipe, probe, cache))
+        print(f"{plan.setting} {plan.subject}: {time.perf_counter() - started:.0f} s", flush=True)
+
+
+def passes(row: dict[str, float]) -> bool:
+    return all(row[name] >= target for name, target in TARGETS.items()) and row["pres"] <= MAX_PRES
+
+
+def report(args: argparse.Namespace) -> str:
+    """The table of every cached combination (means over the subjects each has), the passing ones marked."""
+    rows = []
+    for folder in sorted((args.results_dir / "runs").glob("*")):
+        results = [cached_result(args.results_dir, folder.name, p.stem) for p in sorted(folder.glob("*.json"))]
+        results = [r for r in results if r is not None]
+        if not results:
+            continue
+        scores = {name: mean(r["scores"][name] for r in results) for name in ("identity", "fidelity", "pres")}
+        plan = results[0]["plan"]
+        rows.append({"setting": folder.name, "subjects": len(results), **scores, "plan": plan})
+    for row in rows:
+        row["passes"] = passes(row) and row["subjects"] == len(args.subjects)
+    passing = [r for r in rows if r["passes"]]
+    pick = min(passing, key=lambda r: (r["plan"]["steps"], r["plan"]["strategy_options"].get("rank", 0)), default=None)
+    lines = [
+        "# Toy recommended-settings sweep",
+        "",
+        f"Protocol `{PROTOCOL.digest()}` (base model {PROTOCOL.base_model}); subjects: {', '.join(args.subjects)}.",
+        f"Pass: identity >= {TARGETS['identity']}, fidelity >= {TARGETS['fidelity']}, PRES <= {MAX_PRES}"
+        " (means over the subjects).",
+        "",
+        "| setting | subjects | identity | fidelity | PRES | passes |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        figures = " | ".join(f"{r[name]:.3f}" for name in ("identity", "fidelity", "pres"))
+        lines.append(f"| {r['setting']} | {r['subjects']} | {figures} | {'yes' if r['passes'] else ''} |")
+    lines += ["", f"Pick: {pick['setting'] if pick else 'none passes yet'}."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if not args.report:
+        run_missing(args, plans(args))
+    text = report(args)
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    (args.results_dir / "toy_sweep.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

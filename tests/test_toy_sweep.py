@@ -1,0 +1,53 @@
+"""benchmarks/toy_sweep.py: the combinations it plans, and the pick it makes from cached runs."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from db_adapters.toy.benchmark import save_result
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "toy_sweep.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("toy_sweep", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_plans_cover_every_combination_on_the_easy_subjects_only(tmp_path):
+    sweep = load_script()
+    args = sweep.parse_args(["--steps", "300", "600", "--learning-rates", "1e-3", "--ranks", "4", "8"])
+    plans = sweep.plans(args)
+    assert {p.setting for p in plans} == {"lora-s300-lr0.001-r4", "lora-s300-lr0.001-r8", "lora-s600-lr0.001-r4",
+                                          "lora-s600-lr0.001-r8"}  # fmt: skip
+    assert {p.subject for p in plans} == {"star_box", "ring_ball", "cross_tent", "ring_cup"}
+    assert {(p.steps, p.learning_rate, p.strategy_options["rank"]) for p in plans} >= {(600, 1e-3, 8)}
+    full = sweep.plans(sweep.parse_args(["--strategy", "full", "--learning-rates", "5e-5"]))
+    assert {p.setting for p in full} == {"full-s300-lr5e-05"} and full[0].strategy_options == {}
+
+
+def fake(sweep, results_dir: Path, plans, identity: float, fidelity: float, pres: float) -> None:
+    from dataclasses import asdict
+
+    for plan in plans:
+        scores = {"identity": identity, "fidelity": fidelity, "pres": pres}
+        save_result(
+            results_dir, {"setting": plan.setting, "subject": plan.subject, "plan": asdict(plan), "scores": scores}
+        )
+
+
+def test_the_pick_is_the_cheapest_combination_that_passes_on_every_easy_subject(tmp_path):
+    sweep = load_script()
+    args = sweep.parse_args(["--results-dir", str(tmp_path), "--report"])
+    cheap = sweep.plans(sweep.parse_args(["--steps", "300", "--ranks", "4"]))
+    costly = sweep.plans(sweep.parse_args(["--steps", "600", "--ranks", "8"]))
+    leaky = sweep.plans(sweep.parse_args(["--steps", "200", "--ranks", "4"]))
+    fake(sweep, tmp_path, costly, identity=0.9, fidelity=0.85, pres=0.02)
+    fake(sweep, tmp_path, leaky, identity=0.95, fidelity=0.9, pres=0.2)  # forgets the class: fails on PRES
+    fake(sweep, tmp_path, cheap[:3], identity=0.9, fidelity=0.9, pres=0.0)  # one subject missing: no pick
+    assert "Pick: lora-s600-lr0.001-r8." in sweep.report(args)
+    fake(sweep, tmp_path, cheap[3:], identity=0.9, fidelity=0.9, pres=0.0)
+    assert "Pick: lora-s300-lr0.001-r4." in sweep.report(args)
