@@ -43,6 +43,12 @@ def test_flux_lora_quantizes_until_its_12b_weights_fit():
         preset("8gb", FLUX)
 
 
+def test_sdxl_lora_fits_every_preset_and_its_full_fine_tune_none():
+    assert [preset(b, SDXL)["quantize_base"] for b in ("24gb", "16gb", "12gb", "8gb")] == [None, None, None, "nf4"]
+    with pytest.raises(InputError, match=r"about 25.7 GB .* use a GPU with more memory"):
+        preset("24gb", SDXL, full=True, quantizable=False)
+
+
 def test_a_strategy_that_cannot_train_a_quantized_base_is_never_given_one():
     assert preset("8gb", SDXL, quantizable=False)["quantize_base"] is None
     with pytest.raises(InputError, match="use a GPU with more memory"):

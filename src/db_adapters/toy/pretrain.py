@@ -437,6 +437,33 @@ def _training_caption(codes: list[int], config: PretrainConfig, rng: random.Rand
     return random_caption(attributes, rng, omission=config.caption_omission)
 
 
+def checkpoint_pipeline(work: Path, architecture: str = "v2") -> Any:
+    """The newest denoiser checkpoint of a run in progress, as a pipeline with its EMA weights (to probe it).
+
+    Args:
+        work (`Path`): the recipe's work dir.
+        architecture (`str`): the run's `PretrainConfig.architecture`.
+
+    Example:
+        >>> pipe = checkpoint_pipeline(Path("toy_training/toy-base-v2"))  # doctest: +SKIP
+    """
+    from diffusers import AutoencoderKL
+
+    stem = latest_checkpoint(work / "denoiser_checkpoints", "denoiser")
+    if stem is None:
+        raise FileNotFoundError(f"no denoiser checkpoint in {work / 'denoiser_checkpoints'}")
+    tensors, _ = load_checkpoint(stem)
+    tokenizer = _tokenizer(work / "tokenizer")
+    unet, text_encoder = base.build_unet(architecture), base.build_text_encoder(tokenizer, architecture)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    for param, shadow in zip(params, _ema_list(tensors), strict=True):  # EMAModel keeps them in this order
+        param.data.copy_(shadow)
+    pipe = base.assemble_pipeline(
+        AutoencoderKL.from_pretrained(work / "vae"), unet.eval(), text_encoder.eval(), tokenizer
+    )
+    return pipe
+
+
 def pipeline_parts(work: Path, unet: Any, text_encoder: Any) -> None:
     unet.eval().save_pretrained(work / "unet")
     text_encoder.eval().save_pretrained(work / "text_encoder")

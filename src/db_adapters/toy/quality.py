@@ -140,9 +140,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--guidance-scale", type=float, default=4.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--work-dir", default=None, help="a recipe run in progress: its newest checkpoint's EMA")
+    parser.add_argument("--architecture", default="v2", help="with --work-dir: the run's architecture")
     args = parser.parse_args(argv)
+    if args.work_dir:
+        from pathlib import Path
+
+        from .pretrain import checkpoint_pipeline
+
+        pipe = checkpoint_pipeline(Path(args.work_dir), args.architecture)
+    else:
+        pipe = load_base_pipeline(args.model)
     report = base_model_quality(
-        load_base_pipeline(args.model).to(args.device),
+        pipe.to(args.device),
         samples=args.samples,
         class_samples=args.class_samples,
         seed=args.seed,
