@@ -13,7 +13,7 @@ The reference is a plain loop written as diffusers' examples/dreambooth/train_dr
 peft LoRA (rank `--rank`, gaussian init) on the UNet's attention projections via `unet.add_adapter`, the
 VAE encoding the instance + class pixels and the text encoder the prompts every step (no caching), class
 images generated as the example does (`pipeline(prompts)` in batches of 4: the pipeline's own PNDM
-scheduler at its default 50 steps and guidance 7.5; ours: DPM-Solver++ at `--class-steps`, 25),
+scheduler at its default 50 steps and guidance 7.5; ours: DPM-Solver++ at `--class-steps`, 20),
 AdamW, instance and class batch concatenated, prior loss, gradient clipping, `loss.item()` logged every step, saved with
 `save_lora_weights`. `--compare` runs each side in its own subprocess (so each one's peak RSS is its
 own), ours first, and prints the ratios. Both train in fp32 (`mixed_precision="no"`) on the pipeline's
@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pipeline", choices=("tiny", "medium"), default="tiny")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--class-images", type=int, default=100)
-    parser.add_argument("--class-steps", type=int, default=25, help="our sampler's steps per class image")
+    parser.add_argument("--class-steps", type=int, default=20, help="our sampler's steps per class image (our default)")
     parser.add_argument(
         "--reference-class-steps",
         type=int,
