@@ -293,7 +293,8 @@ def test_class_images_follow_the_runs_precision_unless_told(subject_images, fast
     monkeypatch.setattr(api, "make_class_images", lambda *a, **k: seen.append(k["precision"]) or real(*a, **k))
     personalize(tiny_pipeline(), subject_images, "dog", **fast)
     personalize(tiny_pipeline(), subject_images, "dog", class_precision="bf16", **fast)
-    assert seen == ["no", "bf16"]
+    personalize(tiny_pipeline().to(dtype=torch.bfloat16), subject_images, "dog", **fast)  # generates in bf16 as is
+    assert seen == ["no", "bf16", "no"]
 
 
 @pytest.mark.parametrize("mixed_precision", ["no", "fp16"])

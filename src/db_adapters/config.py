@@ -175,8 +175,8 @@ class TrainConfig:
     class_batch_size: int = setting(4, "Class images generated per pipeline call.")
     class_precision: str | None = setting(
         None,
-        "Autocast of the class-image generation: 'no', 'fp16' or 'bf16'; None: the run's mixed precision "
-        "(half precision on a GPU, full on the CPU).",
+        "Autocast of the class-image generation: 'no', 'fp16' or 'bf16'; None: a float32 pipeline's under the "
+        "run's mixed precision (bf16 on most GPUs, none on the CPU), a half-precision one as it is.",
         choices=MIXED_PRECISION,
     )
     class_image_dir: Path | None = setting(None, "The class-image cache; None: output_dir/class_images.")

@@ -160,7 +160,8 @@ def _resolve_defaults(pipe: Any, family: type[Family], strategy: Strategy, confi
         class_sampler=config.class_sampler or family.class_samplers[0],
         resolution=pick("resolution", None) or family.native_resolution(pipe),
         mixed_precision=mixed_precision,
-        class_precision=config.class_precision or mixed_precision,
+        # A half-precision pipeline already generates in its dtype; autocast matters for a float32 one.
+        class_precision=config.class_precision or (mixed_precision if str(denoiser.dtype) == "torch.float32" else "no"),
         gradient_checkpointing=_unset_or(config.gradient_checkpointing, preset.get("gradient_checkpointing", False)),
         use_8bit_adam=_unset_or(config.use_8bit_adam, preset.get("use_8bit_adam", False)),
         quantize_base=_unset_or(config.quantize_base, preset.get("quantize_base")),
