@@ -4,17 +4,8 @@
 #      fp32 trainable weights and a gradient scaler for fp16; a pipeline on cuda:1 trains on cuda:1 (2+ GPUs).
 #   2. benchmarks/gpu_flux_memory.py: full-size FLUX.1-dev at random init, LoRA r16 at 512 px, bf16 base and
 #      nf4 base: s/step and peak VRAM (rows appended to benchmarks/results/gpu_flux_memory.md, copied to $OUT).
-# The GPU image may lack diffusers/peft: put their wheels in .whl/ first (pip download -d .whl diffusers peft
-# accelerate transformers bitsandbytes safetensors tokenizers --no-deps) and carry .whl.
-set -u
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD/src
-else
-  export PYTHONPATH=$PWD/src
-fi
-python3 -c "import torch, diffusers, peft; print(torch.__version__, torch.cuda.get_device_name(), 'diffusers', diffusers.__version__, 'peft', peft.__version__)"
+# Environment (wheels in .whl/ if the GPU image lacks diffusers/peft): benchmarks/gpu_env.sh.
+source benchmarks/gpu_env.sh
 timeout 150 python3 benchmarks/gpu_families.py 2>&1 | grep -v "torchvision" | tee "$OUT/families.log"
 timeout 420 python3 benchmarks/gpu_flux_memory.py --steps 8 2>&1 | grep -v "torchvision" | tee "$OUT/flux_memory.log"
 cp benchmarks/results/gpu_flux_memory.md "$OUT/" 2>/dev/null || true
