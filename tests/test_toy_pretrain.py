@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -10,7 +11,16 @@ import torch
 from db_adapters.toy import pretrain
 from db_adapters.toy.base import MAX_TOKENS, load_base_pipeline, toy_caption_words
 
-SMALL = {"num_images": 48, "vae_steps": 4, "vae_batch_size": 4, "steps": 6, "batch_size": 4, "warmup_steps": 2}
+SMALL = {
+    "num_images": 48,
+    "vae_steps": 4,
+    "vae_batch_size": 4,
+    "decoder_steps": 4,
+    "steps": 6,
+    "batch_size": 4,
+    "warmup_steps": 2,
+    "rare_from_step": 2,  # the rare stream joins mid-run, so resuming across the switch is tested
+}
 
 
 def config(work, **overrides):
@@ -25,7 +35,8 @@ def test_recipe_runs_end_to_end_into_a_loadable_pipeline(tmp_path):
     image = pipe("a red box on the grass", num_inference_steps=2, output_type="np").images
     assert image.shape == (1, 32, 32, 3)
     recipe = (tmp_path / "recipe.json").read_text()
-    assert all(stage in recipe for stage in ("stage_dataset", "stage_vae", "stage_denoiser", "stage_export"))
+    stages = ("stage_dataset", "stage_vae", "stage_decoder", "stage_denoiser", "stage_export")
+    assert all(stage in recipe for stage in stages)
     lines = (tmp_path / "denoiser_loss.csv").read_text().splitlines()
     assert lines[0] == "step,loss,lr,elapsed_s"
 
@@ -47,24 +58,77 @@ def test_paused_run_resumes_bit_exactly(tmp_path, monkeypatch):
     # The same trained tokenizer, as a resumed run reads back its own.
     shutil.copytree(straight / "tokenizer", paused / "tokenizer")
 
-    def out_of_time_at_step_3(self):
-        return self.name == "denoiser" and self.step == 3
+    def out_of_time_in_each_stage(self):
+        return (self.name, self.step) in {("decoder", 2), ("denoiser", 3)}
 
-    monkeypatch.setattr(pretrain.Loop, "out_of_time", out_of_time_at_step_3)
-    with pytest.raises(pretrain.OutOfTime, match="step 3"):
+    monkeypatch.setattr(pretrain.Loop, "out_of_time", out_of_time_in_each_stage)
+    with pytest.raises(pretrain.OutOfTime, match="decoder stopped at step 2"):
+        pretrain.run(config(paused))
+    with pytest.raises(pretrain.OutOfTime, match="denoiser stopped at step 3"):
         pretrain.run(config(paused))
     monkeypatch.undo()
     assert (paused / "denoiser_checkpoints" / "denoiser-0000003.json").exists()
     pretrain.run(config(paused))
 
-    from diffusers import UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    a = UNet2DConditionModel.from_pretrained(straight / "unet").state_dict()
-    b = UNet2DConditionModel.from_pretrained(paused / "unet").state_dict()
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    for model, folder in ((UNet2DConditionModel, "unet"), (AutoencoderKL, "vae_ft")):
+        a = model.from_pretrained(straight / folder).state_dict()
+        b = model.from_pretrained(paused / folder).state_dict()
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), folder
     steps = [line.split(",")[0] for line in (paused / "denoiser_loss.csv").read_text().splitlines()[1:]]
     assert steps == sorted(steps)  # the log continues, it does not restart
+    sittings = json.loads((paused / "recipe.json").read_text())["sittings"]
+    assert [(s["stage"], s["from_step"], s["to_step"]) for s in sittings] == [
+        ("decoder", 0, 2),
+        ("decoder", 2, 4),
+        ("denoiser", 0, 3),
+        ("denoiser", 3, 6),
+    ]
+
+
+def test_decoder_stage_leaves_the_encoder_and_the_latents_alone(tmp_path):
+    pretrain.run(config(tmp_path))
+    from diffusers import AutoencoderKL
+
+    before = AutoencoderKL.from_pretrained(tmp_path / "vae").state_dict()
+    after = AutoencoderKL.from_pretrained(tmp_path / "vae_ft").state_dict()
+    frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    tuned = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
+    assert frozen and tuned
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in tuned)
+    assert pretrain.tuned_vae_dir(tmp_path) == tmp_path / "vae_ft"
+    shipped = load_base_pipeline(tmp_path / "pipeline").vae.state_dict()
+    assert all(torch.equal(shipped[k], after[k]) for k in tuned)
+
+
+def test_rare_stream_draws_images_with_a_second_colour_or_mark_and_names_both():
+    import random
+
+    from db_adapters.toy.world import ATTRIBUTES, sample_attributes
+
+    codes = torch.tensor([pretrain.attribute_codes(sample_attributes(seed)) for seed in range(400)])
+    rare = pretrain.rare_images(codes)
+    names = list(ATTRIBUTES)
+    has_detail = [(c[names.index("second_color")] != 0 or c[names.index("mark")] != 0).item() for c in codes]
+    assert sorted(rare.tolist()) == [i for i, yes in enumerate(has_detail) if yes]
+    assert 0.3 < len(rare) / len(codes) < 0.6
+
+    settings = config("unused", batch_size=8, rare_share=0.5, rare_from_step=10)
+    generator, captions = torch.Generator().manual_seed(0), random.Random(0)
+    index, texts = pretrain._denoiser_batch(codes, rare, 9, settings, generator, captions)
+    assert len(index) == len(texts) == 8 and not set(index.tolist()) <= set(rare.tolist())
+    index, texts = pretrain._denoiser_batch(codes, rare, 10, settings, generator, captions)
+    assert len(index) == len(texts) == 8
+    for i, text in zip(index[4:].tolist(), texts[4:], strict=True):
+        attributes = pretrain.attribute_dict(codes[i].tolist())
+        assert has_detail[i]
+        if attributes["mark"] != "none":
+            assert f"a {attributes['mark']}" in text, text
+        if attributes["second_color"] != "none":
+            assert f"with {attributes['second_color']} " in text, text
 
 
 def test_missing_base_model_says_how_to_train_it(tmp_path):

@@ -544,7 +544,12 @@ def caption(**attributes: str) -> str:
     return f"{_article(text)} {text}"
 
 
-def random_caption(attributes: Mapping[str, str], rng: int | random.Random, omission: float = DROP_PROBABILITY) -> str:
+def random_caption(
+    attributes: Mapping[str, str],
+    rng: int | random.Random,
+    omission: float = DROP_PROBABILITY,
+    keep: tuple[str, ...] = (),
+) -> str:
     """A training caption for `attributes` with random omissions; the class noun is never dropped.
 
     color, pattern, second_color, mark and scene are each dropped with probability `omission`
@@ -555,17 +560,20 @@ def random_caption(attributes: Mapping[str, str], rng: int | random.Random, omis
         attributes: The image's attributes, e.g. from `sample_attributes`; must include cls.
         rng: A `random.Random`, or a seed for one.
         omission: The probability of leaving out each optional phrase.
+        keep: Phrases never left out (the draws for them are still made, so the rng advances alike).
 
     Example:
         >>> attributes = sample_attributes(0)
         >>> random_caption(attributes, 1).split()[1:].count(attributes["cls"])
         1
+        >>> random_caption({**attributes, "mark": "star"}, 1, omission=1.0, keep=("mark",))
+        'a box with a star'
     """
     rng = rng if isinstance(rng, random.Random) else random.Random(rng)
     kept = dict(attributes)
     for name in ("color", "pattern", "second_color", "mark", "scene"):
         # One draw per name whether present or not, so a caption's omissions depend only on the rng.
-        if rng.random() < omission:
+        if rng.random() < omission and name not in keep:
             kept.pop(name, None)
     if "pattern" not in kept:
         kept.pop("second_color", None)
