@@ -37,7 +37,9 @@ def test_a_full_fine_tune_of_sd15_fits_16gb_with_8bit_adam_and_is_refused_at_8gb
 
 
 def test_flux_lora_quantizes_until_its_12b_weights_fit():
-    assert preset("24gb", FLUX)["quantize_base"] == "int8"  # 23.8 GB in bf16 does not leave room
+    at_24gb = preset("24gb", FLUX)
+    assert at_24gb["quantize_base"] == "int8"  # 23.8 GB in bf16 does not leave room
+    assert not at_24gb["use_8bit_adam"]  # a LoRA's own AdamW state shrinks nothing worth a step
     assert preset("12gb", FLUX)["quantize_base"] == "nf4"  # QLoRA: the peers' ~9 GB recipe
     with pytest.raises(InputError, match=r"memory='8gb' .* about 6.5 GB .* use memory='12gb'"):
         preset("8gb", FLUX)
@@ -47,6 +49,20 @@ def test_sdxl_lora_fits_every_preset_and_its_full_fine_tune_none():
     assert [preset(b, SDXL)["quantize_base"] for b in ("24gb", "16gb", "12gb", "8gb")] == [None, None, None, "nf4"]
     with pytest.raises(InputError, match=r"about 25.7 GB .* use a GPU with more memory"):
         preset("24gb", SDXL, full=True, quantizable=False)
+
+
+def test_settings_the_caller_fixed_count_in_the_fit_and_the_refusal_names_them():
+    fits = memory_preset("16gb", SD15, 2, trains_every_weight=True, can_quantize=False, fixed={"use_8bit_adam": None})
+    assert fits["use_8bit_adam"]  # None is "unset": the preset may choose
+    with pytest.raises(
+        InputError,
+        match=r"about 13.8 GB .* use memory='24gb' .* leave use_8bit_adam=False out so the preset may choose",
+    ):
+        memory_preset("16gb", SD15, 2, trains_every_weight=True, can_quantize=False, fixed={"use_8bit_adam": False})
+    fixed_base = memory_preset(
+        "24gb", FLUX, 2, trains_every_weight=False, can_quantize=True, fixed={"quantize_base": "nf4"}
+    )
+    assert fixed_base["quantize_base"] == "nf4"
 
 
 def test_a_strategy_that_cannot_train_a_quantized_base_is_never_given_one():

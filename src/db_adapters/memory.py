@@ -127,13 +127,21 @@ def static_gigabytes(
 
 
 def memory_preset(
-    budget: str, parameters: int, weight_bytes: int, *, trains_every_weight: bool, can_quantize: bool
+    budget: str,
+    parameters: int,
+    weight_bytes: int,
+    *,
+    trains_every_weight: bool,
+    can_quantize: bool,
+    fixed: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The settings a memory budget chooses: its rung of `_RUNGS`, stepped further down until the weights fit.
 
     While the weights and optimizer state take more than 75% of the budget, the next saving is switched
-    on: 8-bit Adam, then (for a strategy that can train one: LoRA) an int8 base, then an nf4 base. A
-    budget nothing fits is an `InputError` naming the presets that would.
+    on: 8-bit Adam (for a full fine-tune: an adapter's own AdamW state is too small to matter), then (for
+    a strategy that can train one: LoRA) an int8 base, then an nf4 base. Settings the caller fixed are
+    counted as given and never stepped. A budget nothing fits is an `InputError` naming the presets that
+    would, and the fixed settings that stand in the way.
 
     Args:
         budget (`str`): one of `MEMORY_PRESETS`.
@@ -141,30 +149,40 @@ def memory_preset(
         weight_bytes (`int`): bytes per weight as loaded.
         trains_every_weight (`bool`): a full fine-tune.
         can_quantize (`bool`): the strategy can train on a quantized base.
+        fixed (`dict | None`): `use_8bit_adam` / `quantize_base` / `gradient_checkpointing` as the caller set them.
 
     Example:
         >>> memory_preset("24gb", 11_900_000_000, 2, trains_every_weight=False, can_quantize=True)["quantize_base"]
         'int8'
     """
-    chosen, needed = _fit(budget, parameters, weight_bytes, trains_every_weight, can_quantize)
+    fixed = {name: value for name, value in (fixed or {}).items() if value is not None}
+    chosen, needed = _fit(budget, parameters, weight_bytes, trains_every_weight, can_quantize, fixed)
     if chosen is None:
         fitting = [
             other
             for other in MEMORY_PRESETS
-            if _fit(other, parameters, weight_bytes, trains_every_weight, can_quantize)[0] is not None
+            if _fit(other, parameters, weight_bytes, trains_every_weight, can_quantize, fixed)[0] is not None
         ]
-        raise InputError(_does_not_fit(budget, needed, fitting, trains_every_weight))
+        raise InputError(_does_not_fit(budget, needed, fitting, trains_every_weight, fixed))
     return chosen
 
 
 def _fit(
-    budget: str, parameters: int, weight_bytes: int, trains_every_weight: bool, can_quantize: bool
+    budget: str,
+    parameters: int,
+    weight_bytes: int,
+    trains_every_weight: bool,
+    can_quantize: bool,
+    fixed: dict[str, Any],
 ) -> tuple[dict[str, Any] | None, float]:
     chosen = dict(_RUNGS[budget])
     quantizable = can_quantize and not trains_every_weight
     if not quantizable:
         chosen["quantize_base"] = None
-    savings = [("use_8bit_adam", True)] + ([("quantize_base", "int8"), ("quantize_base", "nf4")] if quantizable else [])
+    chosen |= fixed
+    savings = [("use_8bit_adam", True)] if trains_every_weight else []
+    savings += [("quantize_base", "int8"), ("quantize_base", "nf4")] if quantizable else []
+    savings = [(name, value) for name, value in savings if name not in fixed]
     order = [None, "int8", "nf4"]
     limit = _STATIC_SHARE * int(budget.removesuffix("gb"))
     while True:
@@ -190,8 +208,13 @@ def _fit(
         chosen[name] = value
 
 
-def _does_not_fit(budget: str, needed: float, fitting: list[str], trains_every_weight: bool) -> str:
+def _does_not_fit(
+    budget: str, needed: float, fitting: list[str], trains_every_weight: bool, fixed: dict[str, Any]
+) -> str:
     advice = f"use memory='{fitting[-1]}' or a larger preset" if fitting else "use a GPU with more memory"
+    for name, value in fixed.items():
+        if name in ("use_8bit_adam", "quantize_base"):
+            advice += f", or leave {name}={value!r} out so the preset may choose"
     if trains_every_weight:
         advice += ", or an adapter strategy such as strategy='lora'"
     return (

@@ -185,6 +185,8 @@ def _memory_preset(pipe: Any, family: type[Family], strategy: Strategy, config: 
         first.element_size(),
         trains_every_weight=strategy.trains_every_weight,
         can_quantize=strategy.quantized_base_refusal is None,
+        # What the caller set counts in the fit: memory='16gb' with use_8bit_adam=False must not run over budget.
+        fixed={name: getattr(config, name) for name in ("gradient_checkpointing", "use_8bit_adam", "quantize_base")},
     )
     if chosen["quantize_base"] and config.quantize_base is None and denoiser.device.type != "cuda":
         raise InputError(
