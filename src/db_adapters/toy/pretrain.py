@@ -61,8 +61,8 @@ class PretrainConfig:
     vae_kl_weight: float = 1e-6
     # The VAE stage's 1,200 steps leave a decoder that loses the small details: read back by the probe,
     # its reconstructions of the quality prompts' renders kept the second colour in 0.44 of them.
-    decoder_steps: int = 3_000
-    decoder_learning_rate: float = 3e-4
+    decoder_steps: int = 4_000
+    decoder_learning_rate: float = 1e-3
     steps: int = 12_000
     batch_size: int = 64
     learning_rate: float = 5e-4
