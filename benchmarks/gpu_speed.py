@@ -2,7 +2,7 @@
 
 SD 1.5 (512 px), SDXL (1024 px) and FLUX.1-dev (512 px) are built from their published configs (embedded
 below and in gpu_flux_memory.py; nothing is downloaded) in bf16, straight on the GPU. Each run trains
-`--steps` steps after a few class images and reports: steps/s (mean between the second and the last
+`--steps` steps after a few class images and reports: steps/s (mean from the fourth step to the last
 step), the projected time of 1,000 steps, peak allocated VRAM over the training steps, and MFU: the
 FLOPs of one training step counted by `torch.utils.flop_counter.FlopCounterMode` (matmuls, convolutions
 and attention, forward and backward; with gradient checkpointing the recomputed forward counts too, so
@@ -11,7 +11,7 @@ bf16 FLOP/s. Rows are appended to benchmarks/results/gpu_speed.md as each run en
 
     python benchmarks/gpu_speed.py --models sd15 sdxl          # on a GPU machine (see gpu_speed.sh)
     python benchmarks/gpu_speed.py --models flux
-    python benchmarks/gpu_speed.py --tiny --device cpu --steps 3   # the same code on tiny pipelines
+    python benchmarks/gpu_speed.py --tiny --device cpu --steps 6   # the same code on tiny pipelines
 
 Anchors (REFERENCE.md): SD 1.5 LoRA with checkpointing ~10 GB and ~11 min per 1k steps on an A100; peft's
 8.12 GB; full DreamBooth with 8-bit Adam fits 16 GB; SDXL LoRA < 16 GB; Flux QLoRA ~9 GB.
@@ -248,9 +248,10 @@ def run(pipe, model: str, label: str, resolution: int, settings: dict, args: arg
             **settings,
         )
     total = time.perf_counter() - start
-    timed = [t for i, t in enumerate(times) if i != 2]  # times[i] ends step i + 1; step 3 was counted
-    gaps = [b - a for a, b in zip(timed[1:], timed[2:], strict=False)]
-    per_step = sum(gaps) / len(gaps) if gaps else float("nan")
+    # times[i] ends step i + 1, so steps 4.. are the gaps after times[2]: step 3 (FLOP-counted, slower)
+    # is the gap times[1] -> times[2] and stays out. (Dropping times[2] instead would time steps 3+4 as one.)
+    timed = times[2:]
+    per_step = (timed[-1] - timed[0]) / (len(timed) - 1) if len(timed) > 1 else float("nan")
     flops, peak = counted.get("flops"), peak_flops(args.device)
     row = {
         "model": model,

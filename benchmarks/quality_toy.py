@@ -27,6 +27,7 @@ from db_adapters.toy.benchmark import (
     RunPlan,
     cached_result,
     markdown_table,
+    protocol_for,
     run_one,
     save_result,
     summarize,
@@ -34,21 +35,30 @@ from db_adapters.toy.benchmark import (
 )
 from db_adapters.toy.world import SUBJECTS
 
-DEFAULT_RESULTS = Path(__file__).resolve().parent / "results" / "quality_toy"
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--settings", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--subjects", nargs="*", default=list(PROTOCOL.subjects), choices=list(SUBJECTS))
-    parser.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS)
+    parser.add_argument("--results-dir", type=Path, default=None, help="default: results/quality_toy[_BASE]")
     parser.add_argument("--model", default=None, help="toy model folder (default: the shipped one)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workers", type=int, default=1, help="parallel runs (each loads its own pipeline)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker")
     parser.add_argument("--max-minutes", type=float, default=None, help="start no new run after this")
     parser.add_argument("--report", action="store_true", help="only rewrite the table from cached runs")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    try:
+        args.protocol = protocol_for(args.model)  # the base model is part of the protocol
+    except FileNotFoundError as error:
+        parser.error(str(error))
+    if args.results_dir is None:
+        # v1's grid stays where it was; a later base model's grid gets its own folder beside it.
+        base = args.protocol.base_model
+        args.results_dir = RESULTS / ("quality_toy" if base == "v1" else f"quality_toy_{base}")
+    return args
 
 
 def load_pipe(model: str | None, device: str):
@@ -91,9 +101,10 @@ def worker(jobs, args: argparse.Namespace, deadline: float | None) -> None:
             return
         setting, subject = job
         plan = RunPlan.from_config(setting, subject)
-        result = run_one(plan, load_pipe(args.model, args.device), probe, args.results_dir / "class_images")
+        pipe = load_pipe(args.model, args.device)
+        result = run_one(plan, pipe, probe, args.results_dir / "class_images", args.protocol)
         result["device"] = args.device
-        save_result(args.results_dir, result)
+        save_result(args.results_dir, result, args.protocol)
         scores = result["scores"]
         print(
             f"{setting:12s} {subject:13s} identity {scores['identity']:.2f} fidelity {scores['fidelity']:.2f} "
@@ -107,7 +118,7 @@ def run_grid(args: argparse.Namespace) -> float:
         (setting, subject)
         for setting in args.settings
         for subject in args.subjects
-        if cached_result(args.results_dir, setting, subject) is None
+        if cached_result(args.results_dir, setting, subject, args.protocol) is None
     ]
     print(f"{len(todo)} runs to do ({len(args.settings) * len(args.subjects)} in the selection)", flush=True)
     started = time.time()
@@ -145,7 +156,7 @@ def collect(args: argparse.Namespace) -> list[dict]:
     results = []
     for setting in CONFIGS:
         for subject in PROTOCOL.subjects:
-            result = cached_result(args.results_dir, setting, subject)
+            result = cached_result(args.results_dir, setting, subject, args.protocol)
             if result is not None:
                 results.append(result)
     return results
@@ -165,7 +176,7 @@ def write_report(args: argparse.Namespace, elapsed: float) -> Path:
     lines = [
         "# Toy DreamBench results",
         "",
-        f"Protocol `{PROTOCOL.digest()}`: {PROTOCOL}",
+        f"Protocol `{args.protocol.digest()}`: {args.protocol}",
         "",
         f"Last command: `{command.strip()}` ({elapsed:.0f} s wall this invocation); "
         f"{len(results)} runs cached, {run_seconds:.0f} s of run time in all. "

@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 from statistics import mean
 
-from db_adapters.toy.benchmark import PROTOCOL, RunPlan, cached_result, run_one, save_result
+from db_adapters.toy.benchmark import RunPlan, cached_result, protocol_for, run_one, save_result
 from db_adapters.toy.world import SUBJECTS
 
-RESULTS = Path(__file__).resolve().parent / "results" / "toy_sweep"
+RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = {"identity": 0.8, "fidelity": 0.8}
 MAX_PRES = 0.05
 
@@ -36,11 +36,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--learning-rates", type=float, nargs="+", default=[1e-3])
     parser.add_argument("--ranks", type=int, nargs="+", default=[4], help="LoRA rank (ignored for full)")
     parser.add_argument("--subjects", nargs="+", default=[n for n, s in SUBJECTS.items() if s.difficulty == "easy"])
-    parser.add_argument("--results-dir", type=Path, default=RESULTS)
+    parser.add_argument("--results-dir", type=Path, default=None, help="default: results/toy_sweep_BASE")
     parser.add_argument("--model", default=None, help="toy model folder (default: the shipped one)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--report", action="store_true")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    try:
+        args.protocol = protocol_for(args.model)  # the base model is part of the protocol
+    except FileNotFoundError as error:
+        parser.error(str(error))
+    if args.results_dir is None:
+        args.results_dir = RESULTS / f"toy_sweep_{args.protocol.base_model}"  # each base model its own sweep
+    return args
 
 
 def setting_name(strategy: str, steps: int, learning_rate: float, rank: int | None) -> str:
@@ -67,10 +74,10 @@ def run_missing(args: argparse.Namespace, todo: list[RunPlan]) -> None:
     pipe, probe = load_base_pipeline(args.model).to(args.device), load_probe().to(args.device)
     cache = args.results_dir / "class_images"
     for plan in todo:
-        if cached_result(args.results_dir, plan.setting, plan.subject) is not None:
+        if cached_result(args.results_dir, plan.setting, plan.subject, args.protocol) is not None:
             continue
         started = time.perf_counter()
-        save_result(args.results_dir, run_one(plan, pipe, probe, cache))
+        save_result(args.results_dir, run_one(plan, pipe, probe, cache, args.protocol), args.protocol)
         print(f"{plan.setting} {plan.subject}: {time.perf_counter() - started:.0f} s", flush=True)
 
 
@@ -82,7 +89,9 @@ def report(args: argparse.Namespace) -> str:
     """The table of every cached combination (means over the subjects each has), the passing ones marked."""
     rows = []
     for folder in sorted((args.results_dir / "runs").glob("*")):
-        results = [cached_result(args.results_dir, folder.name, p.stem) for p in sorted(folder.glob("*.json"))]
+        results = [
+            cached_result(args.results_dir, folder.name, p.stem, args.protocol) for p in sorted(folder.glob("*.json"))
+        ]
         results = [r for r in results if r is not None]
         if not results:
             continue
@@ -96,7 +105,8 @@ def report(args: argparse.Namespace) -> str:
     lines = [
         "# Toy recommended-settings sweep",
         "",
-        f"Protocol `{PROTOCOL.digest()}` (base model {PROTOCOL.base_model}); subjects: {', '.join(args.subjects)}.",
+        f"Protocol `{args.protocol.digest()}` (base model {args.protocol.base_model}); "
+        f"subjects: {', '.join(args.subjects)}.",
         f"Pass: identity >= {TARGETS['identity']}, fidelity >= {TARGETS['fidelity']}, PRES <= {MAX_PRES}"
         " (means over the subjects).",
         "",

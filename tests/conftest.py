@@ -147,7 +147,8 @@ def small_toy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("toy-base")
     # v1's smaller architecture: the same classes and code path, quicker for the many tests that use it
     # (test_toy_pretrain runs the shipped v2 recipe end to end).
-    small = {"num_images": 48, "vae_steps": 2, "vae_batch_size": 4, "steps": 2, "batch_size": 4, "architecture": "v1"}
+    small = {"num_images": 48, "vae_steps": 2, "vae_batch_size": 4, "decoder_steps": 2, "steps": 2, "batch_size": 4}
+    small["architecture"] = "v1"
     folder = run(PretrainConfig(work_dir=work, threads=1, warmup_steps=1, **small))
     # What a model trained this briefly can usefully recommend: few steps, few class images.
     (folder / "db_adapters.json").write_text(json.dumps({"steps": 4, "learning_rate": 1e-3, "num_class_images": 2}))

@@ -23,6 +23,7 @@ from db_adapters.toy.benchmark import (
     mean_cosine,
     mean_pairwise_distance,
     novel_scenes,
+    protocol_for,
     run_one,
     save_result,
     scene_rate,
@@ -109,8 +110,21 @@ def test_adapter_kind_settings_train_about_as_many_parameters_as_lora_rank_4():
 
 
 def test_protocol_digest_changes_with_the_protocol():
-    assert Protocol().digest() == PROTOCOL.digest()
+    assert Protocol(base_model=PROTOCOL.base_model).digest() == PROTOCOL.digest()
     assert Protocol(identity_samples=3).digest() != PROTOCOL.digest()
+    # v1's 152 cached runs (benchmarks/results/quality_toy) were saved under this digest, before the
+    # protocol named its base model: they must stay readable, and a v2 run must never be taken for one.
+    assert Protocol(base_model="v1").digest() == "6adb720d2257"
+    assert Protocol(base_model="v2").digest() != "6adb720d2257"
+
+
+def test_the_protocol_names_the_base_model_read_off_its_folder(small_toy_dir, tmp_path):
+    from db_adapters.toy.base import architecture_name
+
+    assert protocol_for(small_toy_dir).base_model == architecture_name(small_toy_dir) == "v1"
+    assert PROTOCOL.base_model == architecture_name()  # the shipped model's
+    with pytest.raises(FileNotFoundError, match="not a toy base pipeline folder.*WORK_DIR/pipeline"):
+        protocol_for(tmp_path)
 
 
 def test_one_run_end_to_end_is_cached_and_tabled(small_toy_dir, tmp_path):

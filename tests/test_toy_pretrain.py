@@ -84,6 +84,8 @@ def test_paused_run_resumes_bit_exactly(tmp_path, monkeypatch):
         pretrain.run(config(paused))
     monkeypatch.undo()
     assert (paused / "denoiser_checkpoints" / "denoiser-0000003.json").exists()
+    probed = pretrain.checkpoint_pipeline(paused)  # what `quality --work-dir` reads mid-run
+    assert probed("a red box", num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)
     pretrain.run(config(paused))
 
     from diffusers import AutoencoderKL, UNet2DConditionModel

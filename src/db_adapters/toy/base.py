@@ -153,6 +153,41 @@ def assemble_pipeline(vae: Any, unet: Any, text_encoder: Any, tokenizer: Any) ->
     return pipe
 
 
+def architecture_name(folder: str | Path | None = None) -> str:
+    """Which of `ARCHITECTURES` a toy model folder's UNet is (read off its config), e.g. "v1".
+
+    Args:
+        folder (`str | Path | None`): a toy model folder; default the shipped one.
+
+    Example:
+        >>> architecture_name() in ARCHITECTURES
+        True
+    """
+    import json
+
+    path = Path(folder) if folder is not None else base_dir()
+    config = path / "unet" / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(
+            f"{path} is not a toy base pipeline folder (it has no unet/config.json); pass the folder the recipe "
+            "wrote (WORK_DIR/pipeline), or leave the model out for the shipped one."
+        )
+    return architecture_of_width(json.loads(config.read_text())["block_out_channels"][0])
+
+
+def architecture_of_width(first_channels: int) -> str:
+    """The architecture whose UNet's first level has this many channels (they differ between architectures).
+
+    Example:
+        >>> architecture_of_width(64)
+        'v2'
+    """
+    names = [name for name, settings in ARCHITECTURES.items() if settings["channels"][0] == first_channels]
+    if not names:
+        raise ValueError(f"no toy architecture has a {first_channels}-channel first UNet level; known: {ARCHITECTURES}")
+    return names[0]
+
+
 @functools.cache
 def _shipped_files_present() -> bool:
     return (base_dir() / "model_index.json").is_file()

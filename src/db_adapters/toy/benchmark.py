@@ -62,14 +62,31 @@ class Protocol:
     common_word: str = "night"  # a trained word with a strong (scene) prior, as "a common English word"
     rare_letters: str = "sks"  # the community's pick: split into letters by the toy tokenizer
     full_learning_rate: float = 1e-4  # a fifth of the base model's pretraining rate; LoRA uses the model's 1e-3
-    # The shipped base model the numbers belong to ("v1": the first, 1.7M-parameter UNet; "v2": retrained).
-    base_model: str = "v2"
+    # The base model the numbers belong to (`base.architecture_name` of its folder): "v1", the first
+    # 1.7M-parameter UNet, or "v2", the retrained one. `protocol_for` reads it off a model folder.
+    base_model: str = "v1"
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        fields = asdict(self)
+        if fields["base_model"] == "v1":
+            # v1's runs were cached before this field existed: leaving it out keeps their digest valid.
+            del fields["base_model"]
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
-PROTOCOL = Protocol()
+def protocol_for(model: str | Path | None = None) -> Protocol:
+    """The frozen protocol for the toy model in `model` (default: the shipped one).
+
+    Example:
+        >>> protocol_for().base_model in ("v1", "v2")
+        True
+    """
+    from .base import architecture_name
+
+    return Protocol(base_model=architecture_name(model))
+
+
+PROTOCOL = protocol_for()
 
 # Each setting changes one thing from "lora" (the default: LoRA rank 4, prior preservation, the
 # binder's identifier, the toy model's recommended 300 steps). The class-noun ablation runs without

@@ -537,12 +537,13 @@ def _training_caption(codes: list[int], config: PretrainConfig, rng: random.Rand
     return random_caption(attributes, rng, omission=config.caption_omission)
 
 
-def checkpoint_pipeline(work: Path, architecture: str = "v2") -> Any:
+def checkpoint_pipeline(work: Path) -> Any:
     """The newest denoiser checkpoint of a run in progress, as a pipeline with its EMA weights (to probe it).
+
+    The architecture is read off the checkpoint's weights; the VAE is the decoder-tuned one once it exists.
 
     Args:
         work (`Path`): the recipe's work dir.
-        architecture (`str`): the run's `PretrainConfig.architecture`.
 
     Example:
         >>> pipe = checkpoint_pipeline(Path("toy_training/toy-base-v2"))  # doctest: +SKIP
@@ -553,6 +554,7 @@ def checkpoint_pipeline(work: Path, architecture: str = "v2") -> Any:
     if stem is None:
         raise FileNotFoundError(f"no denoiser checkpoint in {work / 'denoiser_checkpoints'}")
     tensors, _ = load_checkpoint(stem)
+    architecture = base.architecture_of_width(tensors["unet.conv_in.weight"].shape[0])
     tokenizer = _tokenizer(work / "tokenizer")
     unet, text_encoder = base.build_unet(architecture), base.build_text_encoder(tokenizer, architecture)
     params = list(unet.parameters()) + list(text_encoder.parameters())

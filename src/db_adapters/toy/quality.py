@@ -140,14 +140,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--work-dir", default=None, help="a recipe run in progress: its newest checkpoint's EMA")
-    parser.add_argument("--architecture", default="v2", help="with --work-dir: the run's architecture")
     args = parser.parse_args(argv)
     if args.work_dir:
         from pathlib import Path
 
         from .pretrain import checkpoint_pipeline
 
-        pipe = checkpoint_pipeline(Path(args.work_dir), args.architecture)
+        pipe = checkpoint_pipeline(Path(args.work_dir))
     else:
         pipe = load_base_pipeline(args.model)
     report = base_model_quality(
