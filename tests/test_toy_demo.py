@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -70,3 +72,33 @@ def test_base_model_quality_report_shape(small_toy_dir):
     assert prompt_attributes(5, 0) == prompt_attributes(5, 0) != prompt_attributes(5, 1)
     assert set(report["met"]["every_colour_and_pattern"]) == {"box", "ball", "cup", "tent"}
     assert not any(report["met"]["every_colour_and_pattern"].values())  # 2 samples cannot show 8 colours
+    assert set(report["ceiling"]) == set(TARGETS)
+
+
+class RoundTrip(torch.nn.Module):
+    """An autoencoder stand-in: `decode(encode(x))` is `x` itself, or `x` blurred to its mean colour."""
+
+    def __init__(self, lossless: bool) -> None:
+        super().__init__()
+        self.lossless = lossless
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives the module a device and dtype
+
+    device = property(lambda self: self.anchor.device)
+    dtype = property(lambda self: self.anchor.dtype)
+
+    def encode(self, pixels):
+        return SimpleNamespace(latent_dist=SimpleNamespace(mode=lambda: pixels))
+
+    def decode(self, latents):
+        kept = latents if self.lossless else latents.mean(dim=(2, 3), keepdim=True).expand_as(latents)
+        return SimpleNamespace(sample=kept)
+
+
+def test_reconstruction_ceiling_reads_what_the_round_trip_keeps():
+    from db_adapters.toy.quality import SCORED, prompt_attributes, reconstruction_ceiling
+
+    asked = prompt_attributes(24, 0)
+    perfect = reconstruction_ceiling(RoundTrip(lossless=True), asked, seed=0)
+    assert set(perfect) == set(SCORED) and min(perfect.values()) >= 0.95, perfect  # the probe reads renders
+    blurred = reconstruction_ceiling(RoundTrip(lossless=False), asked, seed=0)
+    assert blurred["mark"] < 0.6 and blurred["pattern"] < 0.6, blurred  # a flat colour has neither

@@ -8,6 +8,8 @@ grass"), drawn uniformly among the values that can be named (no "plain", no "non
 reads each image and the share whose class, colour, pattern, second colour, mark and scene match the
 prompt is reported. Class prior: `class_samples` images of "a {class}" per class; the colours and
 patterns the probe sees among them measure diversity (the prior that prior preservation keeps).
+Ceiling: the same reading of the model's own VAE round trip (encode, decode) of renders with the
+prompts' attributes; no denoiser drawing through that decoder can be read better than that.
 Targets (issue 14): class, colour and scene >= 0.95; pattern, second colour and mark >= 0.90; every
 colour and every pattern among 64 "a {class}" samples of each class.
 """
@@ -67,6 +69,34 @@ def generate(pipe: StableDiffusionPipeline, prompts: list[str], seed: int, steps
     return images
 
 
+def reconstruction_ceiling(vae: Any, asked: list[dict[str, str]], seed: int) -> dict[str, float]:
+    """Probe accuracy on the VAE's round trip of renders of `asked`: the most a denoiser can reach through it.
+
+    Args:
+        vae (`AutoencoderKL`): the model's VAE.
+        asked (`list[dict]`): attribute dicts, as `prompt_attributes` draws them.
+        seed (`int`): render seeds start here.
+
+    Example:
+        >>> from db_adapters.toy import load_base_pipeline
+        >>> ceiling = reconstruction_ceiling(load_base_pipeline().vae, prompt_attributes(4, 0), 0)  # doctest: +SKIP
+    """
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from .probe import load_probe
+    from .world import render
+
+    rendered = np.stack([np.asarray(render(seed + i, **attributes)) for i, attributes in enumerate(asked)])
+    pixels = torch.from_numpy(rendered).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).to(vae.device, vae.dtype)
+    with torch.no_grad():
+        decoded = vae.decode(vae.encode(pixels).latent_dist.mode()).sample
+    decoded = decoded.float().clamp(-1, 1).add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    read = load_probe().to(vae.device).predict([Image.fromarray(image) for image in decoded])
+    return {name: sum(r[name] == a[name] for r, a in zip(read, asked, strict=True)) / len(asked) for name in SCORED}
+
+
 def base_model_quality(
     pipe: StableDiffusionPipeline,
     *,
@@ -115,6 +145,7 @@ def base_model_quality(
     }
     return {
         "accuracy": accuracy,
+        "ceiling": reconstruction_ceiling(pipe.vae, asked, seed),
         "targets": TARGETS,
         "met": {name: accuracy[name] >= TARGETS[name] for name in TARGETS} | {"every_colour_and_pattern": every},
         "class_prior": diversity,
