@@ -344,8 +344,7 @@ def stage_decoder(config: PretrainConfig, work: Path, deadline: float | None) ->
     # The encoder and its quant_conv stay as they are, so latents (and a denoiser trained on them) still fit.
     vae.encoder.requires_grad_(False)
     vae.quant_conv.requires_grad_(False)
-    decoder = {name: module for name, module in vae.named_children() if name in ("decoder", "post_quant_conv")}
-    params = [p for module in decoder.values() for p in module.parameters()]
+    params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
     optimizer = torch.optim.AdamW(params, lr=config.decoder_learning_rate, weight_decay=0.0)
     generator = torch.Generator().manual_seed(config.seed + 4)
     loop = Loop(config, work, "decoder", deadline)
