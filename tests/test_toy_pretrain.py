@@ -99,6 +99,7 @@ def test_paused_run_resumes_bit_exactly(tmp_path, monkeypatch):
     assert steps == sorted(steps)  # the log continues, it does not restart
     sittings = json.loads((paused / "recipe.json").read_text())["sittings"]
     assert [(s["stage"], s["from_step"], s["to_step"]) for s in sittings] == [
+        ("vae", 0, 4),
         ("decoder", 0, 2),
         ("decoder", 2, 4),
         ("denoiser", 0, 3),

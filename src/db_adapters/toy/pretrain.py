@@ -245,9 +245,30 @@ def stage_vae(config: PretrainConfig, work: Path, deadline: float | None) -> flo
     images, _ = load_dataset(work)
     torch.manual_seed(config.seed)
     vae = base.build_vae()
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_learning_rate, weight_decay=0.0)
     generator = torch.Generator().manual_seed(config.seed)
-    loop = Loop(config, work, "vae", deadline)
+    elapsed = _train_autoencoder(
+        vae, list(vae.parameters()), images, config, Loop(config, work, "vae", deadline), generator, train_encoder=True
+    )
+    _set_scaling_factor(vae, images, config.seed)
+    vae.save_pretrained(work / "vae")
+    return elapsed  # every sitting of this stage, not only the last
+
+
+def _train_autoencoder(
+    vae: Any, params: list, images: Any, config: PretrainConfig, loop: Loop, generator: Any, train_encoder: bool
+) -> float:
+    """Train `params` of `vae` on reconstruction, resuming from `loop`'s checkpoint; the `vae` and `decoder` stages.
+
+    Returns the stage's time over all its sittings; leaves `vae` in eval mode.
+    """
+    import torch
+
+    steps, peak = (
+        (config.vae_steps, config.vae_learning_rate)
+        if train_encoder
+        else (config.decoder_steps, config.decoder_learning_rate)
+    )
+    optimizer = torch.optim.AdamW(params, lr=peak, weight_decay=0.0)
     resumed = loop.resume()
     if resumed:
         tensors, info = resumed
@@ -255,27 +276,27 @@ def stage_vae(config: PretrainConfig, work: Path, deadline: float | None) -> flo
         restore_optimizer(optimizer, tensors, info["optimizer"])
         generator.set_state(tensors["rng.torch"])
     vae.train()
-    while loop.step < config.vae_steps:
-        lr = _cosine_lr(loop.step, config.vae_steps, 100, config.vae_learning_rate)
+    while loop.step < steps:
+        lr = _cosine_lr(loop.step, steps, 100, peak)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss = _reconstruction_loss(vae, images, config, generator, train_encoder=True)
+        loss = _reconstruction_loss(vae, images, config, generator, train_encoder=train_encoder)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loop.step += 1
         if loop.step % config.log_every == 0:
             loop.write_log(loss.item(), lr)
-        if loop.step % config.checkpoint_every == 0 or loop.step == config.vae_steps or loop.out_of_time():
+        if loop.step % config.checkpoint_every == 0 or loop.step == steps or loop.out_of_time():
             tensors, plain = optimizer_state(optimizer)
             state = {f"vae.{k}": v for k, v in vae.state_dict().items()}
             loop.checkpoint({**state, **tensors, **_rng_tensors(generator)}, {"optimizer": plain})
-            if loop.out_of_time() and loop.step < config.vae_steps:
-                raise OutOfTime(f"vae stopped at step {loop.step}; rerun to continue")
+            if loop.out_of_time() and loop.step < steps:
+                loop.record_sitting("cpu")
+                raise OutOfTime(f"{loop.name} stopped at step {loop.step}; rerun to continue")
+    loop.record_sitting("cpu")
     vae.eval()
-    _set_scaling_factor(vae, images, config.seed)
-    vae.save_pretrained(work / "vae")
-    return loop.total_elapsed()  # every sitting of this stage, not only the last
+    return loop.total_elapsed()
 
 
 def _reconstruction_loss(vae: Any, images: Any, config: PretrainConfig, generator: Any, train_encoder: bool) -> Any:
@@ -345,37 +366,11 @@ def stage_decoder(config: PretrainConfig, work: Path, deadline: float | None) ->
     vae.encoder.requires_grad_(False)
     vae.quant_conv.requires_grad_(False)
     params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=config.decoder_learning_rate, weight_decay=0.0)
     generator = torch.Generator().manual_seed(config.seed + 4)
     loop = Loop(config, work, "decoder", deadline)
-    resumed = loop.resume()
-    if resumed:
-        tensors, info = resumed
-        vae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("vae.")})
-        restore_optimizer(optimizer, tensors, info["optimizer"])
-        generator.set_state(tensors["rng.torch"])
-    vae.train()
-    while loop.step < config.decoder_steps:
-        lr = _cosine_lr(loop.step, config.decoder_steps, 100, config.decoder_learning_rate)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss = _reconstruction_loss(vae, images, config, generator, train_encoder=False)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loop.step += 1
-        if loop.step % config.log_every == 0:
-            loop.write_log(loss.item(), lr)
-        if loop.step % config.checkpoint_every == 0 or loop.step == config.decoder_steps or loop.out_of_time():
-            tensors, plain = optimizer_state(optimizer)
-            state = {f"vae.{k}": v for k, v in vae.state_dict().items()}
-            loop.checkpoint({**state, **tensors, **_rng_tensors(generator)}, {"optimizer": plain})
-            if loop.out_of_time() and loop.step < config.decoder_steps:
-                loop.record_sitting("cpu")
-                raise OutOfTime(f"decoder stopped at step {loop.step}; rerun to continue")
-    loop.record_sitting("cpu")
-    vae.eval().save_pretrained(work / "vae_ft")
-    return loop.total_elapsed()
+    elapsed = _train_autoencoder(vae, params, images, config, loop, generator, train_encoder=False)
+    vae.save_pretrained(work / "vae_ft")
+    return elapsed
 
 
 # --- 5. denoiser --------------------------------------------------------------------------------
