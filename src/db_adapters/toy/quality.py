@@ -9,7 +9,8 @@ reads each image and the share whose class, colour, pattern, second colour, mark
 prompt is reported. Class prior: `class_samples` images of "a {class}" per class; the colours and
 patterns the probe sees among them measure diversity (the prior that prior preservation keeps).
 Ceiling: the same reading of the model's own VAE round trip (encode, decode) of renders with the
-prompts' attributes; no denoiser drawing through that decoder can be read better than that.
+prompts' attributes: what a denoiser that reproduced the encoder's latents exactly would be read at
+(an expectation, not a strict bound: a denoiser may land on latents the decoder renders better).
 Targets (issue 14): class, colour and scene >= 0.95; pattern, second colour and mark >= 0.90; every
 colour and every pattern among 64 "a {class}" samples of each class.
 """
@@ -70,7 +71,7 @@ def generate(pipe: StableDiffusionPipeline, prompts: list[str], seed: int, steps
 
 
 def reconstruction_ceiling(vae: Any, asked: list[dict[str, str]], seed: int) -> dict[str, float]:
-    """Probe accuracy on the VAE's round trip of renders of `asked`: the most a denoiser can reach through it.
+    """Probe accuracy on the VAE's round trip of renders of `asked`: what a perfect denoiser would be read at.
 
     Args:
         vae (`AutoencoderKL`): the model's VAE.
