@@ -35,6 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, nargs="+", default=[300])
     parser.add_argument("--learning-rates", type=float, nargs="+", default=[1e-3])
     parser.add_argument("--ranks", type=int, nargs="+", default=[4], help="LoRA rank (ignored for full)")
+    parser.add_argument("--train-text-encoder", action="store_true", help="train the text encoder too")
     parser.add_argument("--subjects", nargs="+", default=[n for n, s in SUBJECTS.items() if s.difficulty == "easy"])
     parser.add_argument("--results-dir", type=Path, default=None, help="default: results/toy_sweep_BASE")
     parser.add_argument("--model", default=None, help="toy model folder (default: the shipped one)")
@@ -50,9 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def setting_name(strategy: str, steps: int, learning_rate: float, rank: int | None) -> str:
+def setting_name(strategy: str, steps: int, learning_rate: float, rank: int | None, text_encoder: bool = False) -> str:
     name = f"{strategy}-s{steps}-lr{learning_rate:g}"
-    return name + (f"-r{rank}" if rank is not None else "")
+    return name + (f"-r{rank}" if rank is not None else "") + ("-te" if text_encoder else "")
 
 
 def plans(args: argparse.Namespace) -> list[RunPlan]:
@@ -60,9 +61,17 @@ def plans(args: argparse.Namespace) -> list[RunPlan]:
     out = []
     for steps, rate, rank in itertools.product(args.steps, args.learning_rates, ranks):
         options = {"rank": rank} if rank is not None else {}
-        name = setting_name(args.strategy, steps, rate, rank)
+        name = setting_name(args.strategy, steps, rate, rank, args.train_text_encoder)
         out += [
-            RunPlan(name, subject, strategy=args.strategy, steps=steps, learning_rate=rate, strategy_options=options)
+            RunPlan(
+                name,
+                subject,
+                strategy=args.strategy,
+                steps=steps,
+                learning_rate=rate,
+                train_text_encoder=args.train_text_encoder,
+                strategy_options=options,
+            )
             for subject in args.subjects
         ]
     return out

@@ -16,6 +16,7 @@ from db_adapters.toy.benchmark import (
     RunPlan,
     Samples,
     attribute_entropy,
+    attribute_rate,
     cached_result,
     entropy_bits,
     identity_rate,
@@ -39,6 +40,7 @@ def test_identity_rate_needs_every_identity_attribute():
     exact = dict(STAR_BOX.attributes, scene="snow")
     reads = [exact, dict(exact, mark="ring"), dict(exact, color="blue"), dict(exact, scene="grass")]
     assert identity_rate(reads, STAR_BOX) == 0.5  # the scene is not part of the identity
+    assert attribute_rate(reads, STAR_BOX, "mark") == 0.75 and attribute_rate(reads, STAR_BOX, "color") == 0.75
 
 
 def test_scene_rate_and_entropy():
@@ -110,18 +112,21 @@ def test_adapter_kind_settings_train_about_as_many_parameters_as_lora_rank_4():
 
 
 def test_protocol_digest_changes_with_the_protocol():
-    assert Protocol(base_model=PROTOCOL.base_model).digest() == PROTOCOL.digest()
+    assert protocol_for().digest() == PROTOCOL.digest()
     assert Protocol(identity_samples=3).digest() != PROTOCOL.digest()
     # v1's 152 cached runs (benchmarks/results/quality_toy) were saved under this digest, before the
     # protocol named its base model: they must stay readable, and a v2 run must never be taken for one.
-    assert Protocol(base_model="v1").digest() == "6adb720d2257"
+    assert Protocol(base_model="v1", full_learning_rate=1e-4).digest() == "6adb720d2257"
     assert Protocol(base_model="v2").digest() != "6adb720d2257"
+    # v1 recommended one rate for every strategy, so its protocol fixed full's; v2 recommends its own.
+    assert Protocol(base_model="v1").digest() != "6adb720d2257"
 
 
 def test_the_protocol_names_the_base_model_read_off_its_folder(small_toy_dir, tmp_path):
     from db_adapters.toy.base import architecture_name
 
     assert protocol_for(small_toy_dir).base_model == architecture_name(small_toy_dir) == "v1"
+    assert protocol_for(small_toy_dir).digest() == "6adb720d2257"  # any v1 folder reads v1's cached runs
     assert PROTOCOL.base_model == architecture_name()  # the shipped model's
     with pytest.raises(FileNotFoundError, match="not a toy base pipeline folder.*WORK_DIR/pipeline"):
         protocol_for(tmp_path)
@@ -135,7 +140,7 @@ def test_one_run_end_to_end_is_cached_and_tabled(small_toy_dir, tmp_path):
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     result = run_one(RunPlan.from_config("lora", "star_box"), pipe, load_probe(), tmp_path / "cls", protocol)
     assert all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items()), "pipeline not restored"
-    assert set(result["scores"]) >= {"identity", "fidelity", "pres", "div_entropy", "overfit"}
+    assert set(result["scores"]) >= {"identity", "fidelity", "pres", "div_entropy", "overfit", "identity_mark"}
     assert result["instance_prompt"] == f"a {result['identifier']} box"
     save_result(tmp_path, result, protocol)
     assert cached_result(tmp_path, "lora", "star_box", protocol)["scores"] == result["scores"]

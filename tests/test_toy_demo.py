@@ -51,6 +51,27 @@ def test_model_folder_recommendations_fill_in_left_out_settings(small_toy_dir, s
     assert len(adapter.history) == 3
 
 
+def test_recommendations_may_differ_by_strategy_and_set_its_options(small_toy_dir, subject_images):
+    from db_adapters.plan import make_plan
+    from db_adapters.subjects import Subject
+
+    recommended = json.loads((small_toy_dir / "db_adapters.json").read_text())
+    per_strategy = {"lora": {"steps": 5, "rank": 2}, "full": {"learning_rate": 5e-5}}
+    pipe = load_base_pipeline(small_toy_dir)
+    (small_toy_dir / "db_adapters.json").write_text(json.dumps({**recommended, "strategies": per_strategy}))
+    try:
+
+        def plan(strategy, **settings):
+            return make_plan(pipe, [Subject(subject_images, "box")], strategy=strategy, settings=settings)
+
+        lora, full, chosen = plan("lora"), plan("full"), plan("lora", rank=8, steps=7)
+    finally:
+        (small_toy_dir / "db_adapters.json").write_text(json.dumps(recommended))
+    assert (lora.config.steps, lora.config.learning_rate, lora.strategy.options.rank) == (5, 1e-3, 2)
+    assert (full.config.steps, full.config.learning_rate) == (recommended["steps"], 5e-5)
+    assert (chosen.config.steps, chosen.strategy.options.rank) == (7, 8)  # the caller's own values win
+
+
 def test_demo_command(small_toy_dir, tmp_path):
     result = CliRunner().invoke(main, ["demo", "--model", str(small_toy_dir), "--out", str(tmp_path), "--steps", "2"])
     assert result.exit_code == 0, result.output

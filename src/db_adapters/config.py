@@ -84,7 +84,11 @@ class TrainConfig:
     prior_preservation: bool = setting(True, "Add the class-prior loss (the paper's method).")
     num_class_images: int | None = setting(None, "Class images for the prior; None: 200, or the recommendation.")
     prior_loss_weight: float = setting(1.0, "Lambda, the prior term's weight (the paper: 1.0).")
-    train_text_encoder: bool = setting(False, "Train the text encoder(s) too (all of the family's encoders).")
+    train_text_encoder: bool | None = setting(
+        None,
+        "Train the text encoder(s) too (all of the family's encoders); None: the model folder's recommendation,"
+        " else no.",
+    )
     pivotal_tokens: int = setting(
         0,
         "Pivotal tuning: bind each subject to this many new tokens (<s0><s1>...) whose embeddings train with "

@@ -16,7 +16,14 @@ if TYPE_CHECKING:
 # A model folder may carry its own recommended personalization settings (a small model needs other
 # steps and learning rates than SD 1.5); `personalize` uses them for the settings left out.
 RECOMMENDATIONS_FILE = "db_adapters.json"
-RECOMMENDABLE = ("steps", "learning_rate", "num_class_images", "class_inference_steps", "resolution")
+RECOMMENDABLE = (
+    "steps",
+    "learning_rate",
+    "num_class_images",
+    "class_inference_steps",
+    "resolution",
+    "train_text_encoder",
+)
 
 
 def check_supported(pipe: Any) -> None:
@@ -57,8 +64,21 @@ def weights_fingerprint(pipe: DiffusionPipeline) -> str:
     return digest.hexdigest()[:16]
 
 
-def recommended_settings(pipe: DiffusionPipeline) -> dict[str, Any]:
-    """The model folder's recommended `personalize` settings (steps, learning rate, class images and their steps)."""
+def recommended_settings(pipe: DiffusionPipeline, strategy: str | None = None) -> dict[str, Any]:
+    """The model folder's recommended `personalize` settings for `strategy` (steps, learning rate, class images).
+
+    The file's top-level settings hold for every strategy; its `"strategies"` entry may override them per
+    strategy and add that strategy's options (a LoRA rank): a full fine-tune wants another learning rate.
+
+    Args:
+        pipe (`DiffusionPipeline`): a pipeline loaded from a folder that may hold `db_adapters.json`.
+        strategy (`str | None`): the strategy's name ("lora", "full"); None: the shared settings only.
+
+    Example:
+        >>> from db_adapters.toy import load_base_pipeline
+        >>> recommended_settings(load_base_pipeline(), "full")["learning_rate"] > 0
+        True
+    """
     from pathlib import Path
 
     folder = model_id(pipe)
@@ -69,7 +89,12 @@ def recommended_settings(pipe: DiffusionPipeline) -> dict[str, Any]:
         settings = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return {}
-    return {k: v for k, v in settings.items() if k in RECOMMENDABLE} if isinstance(settings, dict) else {}
+    if not isinstance(settings, dict):
+        return {}
+    shared = {k: v for k, v in settings.items() if k in RECOMMENDABLE}
+    per_strategy = settings.get("strategies", {})
+    own = per_strategy.get(strategy, {}) if isinstance(per_strategy, dict) and strategy else {}
+    return shared | (own if isinstance(own, dict) else {})
 
 
 def model_id(pipe: DiffusionPipeline) -> str:

@@ -88,9 +88,11 @@ def make_plan(
     """Check every input and resolve every default of a `personalize` call (see its docstring for the args)."""
     family = family_of(pipe)
     config_settings = {k: settings.pop(k) for k in list(settings) if k in TrainConfig.field_names()}
-    chosen = get_strategy(strategy)(**settings)  # the rest are the strategy's options; it rejects others
+    recommended = recommended_settings(pipe, strategy)
+    # The rest are the strategy's options (it rejects others); the model folder may recommend some.
+    chosen = get_strategy(strategy)(**(_recommended_options(strategy, recommended) | settings))
     config = TrainConfig(**config_settings)
-    config = _resolve_defaults(pipe, family, chosen, config)
+    config = _resolve_defaults(pipe, family, chosen, config, recommended)
     if config.pivotal_tokens and chosen.name == "full" and config.train_text_encoder:
         raise InputError(
             "pivotal_tokens with strategy='full' and train_text_encoder=True: the full fine-tune trains the whole "
@@ -136,9 +138,15 @@ def _plan_subjects(
     return planned
 
 
-def _resolve_defaults(pipe: Any, family: type[Family], strategy: Strategy, config: TrainConfig) -> TrainConfig:
-    recommended = recommended_settings(pipe)
+def _recommended_options(strategy: str, recommended: dict[str, Any]) -> dict[str, Any]:
+    """The recommended values of `strategy`'s own options (a LoRA rank), for those the caller left out."""
+    known = {f.name for f in dataclasses.fields(get_strategy(strategy).Options)}
+    return {k: v for k, v in recommended.items() if k in known}
 
+
+def _resolve_defaults(
+    pipe: Any, family: type[Family], strategy: Strategy, config: TrainConfig, recommended: dict[str, Any]
+) -> TrainConfig:
     def pick(name: str, fallback: Any) -> Any:
         value = getattr(config, name)
         return value if value is not None else recommended.get(name, fallback)
@@ -151,6 +159,7 @@ def _resolve_defaults(pipe: Any, family: type[Family], strategy: Strategy, confi
     return dataclasses.replace(
         config,
         steps=pick("steps", DEFAULT_STEPS),
+        train_text_encoder=bool(pick("train_text_encoder", False)),
         learning_rate=learning_rate,
         text_encoder_learning_rate=config.text_encoder_learning_rate or learning_rate,
         token_learning_rate=config.token_learning_rate or DEFAULT_TOKEN_LEARNING_RATE,

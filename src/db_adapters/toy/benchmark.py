@@ -61,7 +61,9 @@ class Protocol:
     guidance_scale: float = 4.0
     common_word: str = "night"  # a trained word with a strong (scene) prior, as "a common English word"
     rare_letters: str = "sks"  # the community's pick: split into letters by the toy tokenizer
-    full_learning_rate: float = 1e-4  # a fifth of the base model's pretraining rate; LoRA uses the model's 1e-3
+    # The "full" setting's learning rate; None: the model folder's recommendation for `full`, as LoRA
+    # uses its recommendation. v1 recommended one rate for every strategy, so its protocol fixed 1e-4.
+    full_learning_rate: float | None = None
     # The base model the numbers belong to (`base.architecture_name` of its folder): "v1", the first
     # 1.7M-parameter UNet, or "v2", the retrained one. `protocol_for` reads it off a model folder.
     base_model: str = "v1"
@@ -74,6 +76,9 @@ class Protocol:
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
+V1_FULL_LEARNING_RATE = 1e-4  # a fifth of v1's pretraining rate (v1 recommended 1e-3 for LoRA)
+
+
 def protocol_for(model: str | Path | None = None) -> Protocol:
     """The frozen protocol for the toy model in `model` (default: the shipped one).
 
@@ -83,7 +88,8 @@ def protocol_for(model: str | Path | None = None) -> Protocol:
     """
     from .base import architecture_name
 
-    return Protocol(base_model=architecture_name(model))
+    name = architecture_name(model)
+    return Protocol(base_model=name, full_learning_rate=V1_FULL_LEARNING_RATE if name == "v1" else None)
 
 
 PROTOCOL = protocol_for()
@@ -140,6 +146,17 @@ def identity_rate(reads: Sequence[dict[str, str]], subject: Subject) -> float:
         0.5
     """
     return sum(matches_identity(read, subject) for read in reads) / len(reads)
+
+
+def attribute_rate(reads: Sequence[dict[str, str]], subject: Subject, name: str) -> float:
+    """Share of readings whose attribute `name` is the subject's.
+
+    Example:
+        >>> s = SUBJECTS["star_box"]
+        >>> attribute_rate([dict(s.attributes), dict(s.attributes, mark="ring")], s, "mark")
+        0.5
+    """
+    return sum(read[name] == subject.attributes[name] for read in reads) / len(reads)
 
 
 def scene_rate(reads: Sequence[dict[str, str]], scenes: Sequence[str]) -> float:
@@ -214,6 +231,8 @@ def score(probe: Probe, subject: Subject, references: list[Image.Image], samples
         "div_entropy": attribute_entropy(class_reads),
         "div_distance": mean_pairwise_distance(class_vectors),
         "class_accuracy": sum(read["cls"] == subject.attributes["cls"] for read in class_reads) / len(class_reads),
+        # Which attribute a low identity misses (the share of "a [V] {class}" samples with each right).
+        **{f"identity_{name}": attribute_rate(identity_reads, subject, name) for name in IDENTITY_ATTRIBUTES},
     }
 
 
@@ -242,7 +261,8 @@ class RunPlan:
     noun: str = "correct"
     identifier: str = "binder"
     steps: int | None = None
-    learning_rate: float | None = None  # None: the toy model's recommendation (`full`: the protocol's)
+    learning_rate: float | None = None  # None: the protocol's for `full` if it fixes one, else the model's
+    train_text_encoder: bool | None = None  # None: the toy model's recommendation
     strategy_options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -326,12 +346,14 @@ def personalize_as_planned(
 
     subject = SUBJECTS[plan.subject]
     options: dict[str, Any] = dict(plan.strategy_options)
-    if plan.strategy == "full":
+    if plan.strategy == "full" and protocol.full_learning_rate is not None:
         options["learning_rate"] = protocol.full_learning_rate
     if plan.learning_rate is not None:
         options["learning_rate"] = plan.learning_rate
     if plan.steps is not None:
         options["steps"] = plan.steps
+    if plan.train_text_encoder is not None:
+        options["train_text_encoder"] = plan.train_text_encoder
     personalize(
         pipe,
         references,
