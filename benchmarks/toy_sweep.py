@@ -2,7 +2,7 @@
 
     python benchmarks/toy_sweep.py --strategy lora --steps 300 600 --learning-rates 1e-3 2e-3 --ranks 4 8
     python benchmarks/toy_sweep.py --strategy full --steps 300 600 --learning-rates 5e-5 1e-4
-    python benchmarks/toy_sweep.py --report          # only rewrite the table from cached runs
+    python benchmarks/toy_sweep.py --report [--strategy full]  # only rewrite the table from cached runs
 
 Every combination trains on the 4 easy toy subjects only (the hard ones are kept for the report on all 8)
 with prior preservation on, under the toy benchmark's frozen protocol, and is scored by the probe:
@@ -94,6 +94,17 @@ def passes(row: dict[str, float]) -> bool:
     return all(row[name] >= target for name, target in TARGETS.items()) and row["pres"] <= MAX_PRES
 
 
+def shortfall(row: dict) -> float:
+    """How far a combination is from passing: its largest gap under a target (0 when it passes)."""
+    gaps = [target - row[name] for name, target in TARGETS.items()] + [row["pres"] - MAX_PRES]
+    return max(0.0, *gaps)
+
+
+def nearest(rows: list[dict]) -> dict:
+    """Where nothing passes, the combination with the smallest shortfall (then fewer steps): the one to ship."""
+    return min(rows, key=lambda r: (shortfall(r), r["plan"]["steps"]))
+
+
 def report(args: argparse.Namespace) -> str:
     """The table of every cached combination (means over the subjects each has), the passing ones marked."""
     rows = []
@@ -101,7 +112,7 @@ def report(args: argparse.Namespace) -> str:
         results = [
             cached_result(args.results_dir, folder.name, p.stem, args.protocol) for p in sorted(folder.glob("*.json"))
         ]
-        results = [r for r in results if r is not None]
+        results = [r for r in results if r is not None and r["plan"]["strategy"] == args.strategy]
         if not results:
             continue
         scores = {name: mean(r["scores"][name] for r in results) for name in ("identity", "fidelity", "pres")}
@@ -112,7 +123,7 @@ def report(args: argparse.Namespace) -> str:
     passing = [r for r in rows if r["passes"]]
     pick = min(passing, key=lambda r: (r["plan"]["steps"], r["plan"]["strategy_options"].get("rank", 0)), default=None)
     lines = [
-        "# Toy recommended-settings sweep",
+        f"# Toy recommended-settings sweep: {args.strategy}",
         "",
         f"Protocol `{args.protocol.digest()}` (base model {args.protocol.base_model}); "
         f"subjects: {', '.join(args.subjects)}.",
@@ -126,6 +137,13 @@ def report(args: argparse.Namespace) -> str:
         figures = " | ".join(f"{r[name]:.3f}" for name in ("identity", "fidelity", "pres"))
         lines.append(f"| {r['setting']} | {r['subjects']} | {figures} | {'yes' if r['passes'] else ''} |")
     lines += ["", f"Pick: {pick['setting'] if pick else 'none passes yet'}."]
+    complete = [r for r in rows if r["subjects"] == len(args.subjects)]
+    if pick is None and complete:
+        near = nearest(complete)
+        lines.append(
+            f"Nearest: {near['setting']} (largest shortfall {shortfall(near):.3f}; the shortfall of a combination"
+            " is its largest gap under a target, PRES counted as its excess over the limit)."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -135,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
         run_missing(args, plans(args))
     text = report(args)
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    (args.results_dir / "toy_sweep.md").write_text(text)
+    (args.results_dir / f"toy_sweep_{args.strategy}.md").write_text(text)
     print(text)
 
 

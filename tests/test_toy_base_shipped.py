@@ -44,7 +44,12 @@ def test_plain_diffusers_loads_the_shipped_folder():
 
 
 def test_shipped_model_recommends_its_personalization_settings(shipped):
-    assert recommended_settings(shipped) == RECOMMENDED
+    shared = {k: v for k, v in RECOMMENDED.items() if k != "strategies"}
+    assert recommended_settings(shipped) == shared
+    for strategy, own in RECOMMENDED["strategies"].items():
+        assert recommended_settings(shipped, strategy) == shared | own
+    rates = {strategy: recommended_settings(shipped, strategy)["learning_rate"] for strategy in ("lora", "full")}
+    assert rates["full"] < rates["lora"]  # a full fine-tune moves every weight: a far smaller step
 
 
 def test_binder_finds_an_identifier_the_model_never_saw(shipped):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 from db_adapters.toy.benchmark import save_result
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "toy_sweep.py"
@@ -51,3 +53,17 @@ def test_the_pick_is_the_cheapest_combination_that_passes_on_every_easy_subject(
     assert "Pick: lora-s600-lr0.001-r8." in sweep.report(args)
     fake(sweep, tmp_path, cheap[3:], identity=0.9, fidelity=0.9, pres=0.0)
     assert "Pick: lora-s300-lr0.001-r4." in sweep.report(args)
+
+
+def test_without_a_pass_the_report_names_the_nearest_complete_combination(tmp_path):
+    sweep = load_script()
+    args = sweep.parse_args(["--results-dir", str(tmp_path), "--report"])
+    scene_bound = sweep.plans(sweep.parse_args(["--steps", "600", "--ranks", "8"]))
+    balanced = sweep.plans(sweep.parse_args(["--steps", "400", "--ranks", "4"]))
+    partial = sweep.plans(sweep.parse_args(["--steps", "300", "--ranks", "4"]))
+    fake(sweep, tmp_path, scene_bound, identity=0.95, fidelity=0.4, pres=0.0)  # short by 0.4
+    fake(sweep, tmp_path, balanced, identity=0.78, fidelity=0.79, pres=0.0)  # short by 0.02
+    fake(sweep, tmp_path, partial[:2], identity=0.8, fidelity=0.8, pres=0.0)  # passes, but on 2 subjects only
+    text = sweep.report(args)
+    assert "Pick: none passes yet." in text and "Nearest: lora-s400-lr0.001-r4 (largest shortfall 0.020" in text
+    assert sweep.shortfall({"identity": 0.9, "fidelity": 0.9, "pres": 0.08}) == pytest.approx(0.03)

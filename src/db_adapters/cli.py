@@ -409,21 +409,24 @@ def load_toy_base(device: str | None, folder: str | None = None, dtype: str = "f
 @click.option("--subject", default="star_box", show_default=True, help="A toy subject (db_adapters.toy.SUBJECTS).")
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--model", default=None, help="A toy model folder (default: the shipped toy base model).")
-@click.option("--steps", type=int, default=None, help="Personalization steps (default: the model's recommendation).")
+@click.option("--steps", type=int, default=None, help="Personalization steps (default: 500, db_adapters.toy.demo).")
 @click.option("--device", default=None, help="Default cpu.")
 @friendly_errors
 def demo(subject: str, out: str, model: str | None, steps: int | None, device: str | None) -> None:
     """Personalize the toy base model on a toy subject and write a before/after sheet."""
-    from .toy.demo import run_demo
+    from .toy.demo import SAMPLES_PER_ROW, run_demo
     from .toy.world import SUBJECTS
 
     if subject not in SUBJECTS:
         raise InputError(f"--subject {subject!r} is not a toy subject; choose one of: {', '.join(SUBJECTS)}.")
     pipe = load_toy_base(device, model)
-    result = run_demo(subject, out, pipe=pipe, steps=steps)
+    result = run_demo(subject, out, pipe=pipe, **({"steps": steps} if steps is not None else {}))
     click.echo(f"sheet    {result.sheet}")
     click.echo(f"adapter  {result.adapter} (identifier {result.identifier!r})")
     click.echo(f"time     personalize {result.personalize_s:.0f} s, total {result.total_s:.0f} s")
+    read = result.subject_read
+    shown = ", ".join(f"{name.replace('_', ' ')} {count}" for name, count in read.items() if name != "identity")
+    click.echo(f"probe    the subject in {read['identity']} of {SAMPLES_PER_ROW} 'a [V]' samples ({shown})")
 
 
 @main.command()
