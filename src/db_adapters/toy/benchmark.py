@@ -95,11 +95,12 @@ def protocol_for(model: str | Path | None = None) -> Protocol:
 PROTOCOL = protocol_for()
 
 # Each setting changes one thing from "lora" (the default: LoRA rank 4, prior preservation, the
-# binder's identifier, the toy model's recommended 300 steps). The class-noun ablation runs without
-# prior preservation, as "a [V]" alone has no class prompt to preserve: it is read against "lora-noppl".
-# The adapter kinds (the last four) change the strategy, sized to LoRA rank 4's 28,672 trainable
+# binder's identifier, and the toy model's recommended steps, learning rate and text-encoder training:
+# v1 300 steps at 1e-3, UNet only; v2 400 steps at 1e-3 with the text encoder). The class-noun ablation
+# runs without prior preservation, as "a [V]" alone has no class prompt to preserve: it is read against
+# "lora-noppl". The adapter kinds (the last four) change the strategy, sized to LoRA rank 4's trainable
 # parameters on the toy UNet (`benchmarks/adapter_params.py` counts them); like every setting but
-# "full" they leave the learning rate to the toy model's recommendation (1e-3).
+# "full" they take the learning rate the toy model recommends for every strategy (1e-3).
 CONFIGS: dict[str, dict[str, Any]] = {
     "base": {"train": False},
     "lora": {},
