@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from db_adapters.toy.benchmark import (
+    ATTRIBUTE_COLUMNS,
     CONFIGS,
     PROTOCOL,
     RunPlan,
@@ -193,6 +194,12 @@ def write_report(args: argparse.Namespace, elapsed: float) -> Path:
         "## Hard subjects",
         "",
         markdown_table(summary, "hard"),
+        "",
+        "## Identity by attribute (all subjects)",
+        "",
+        'The share of "a [V] {class}" samples the probe reads with each identity attribute right.',
+        "",
+        markdown_table(summary, "all", ATTRIBUTE_COLUMNS),
         "",
     ]
     args.results_dir.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ import torch
 from db_adapters.errors import InputError
 from db_adapters.toy import SUBJECTS, render
 from db_adapters.toy.benchmark import (
+    ATTRIBUTE_COLUMNS,
     CONFIGS,
     PROTOCOL,
     Protocol,
@@ -147,4 +148,8 @@ def test_one_run_end_to_end_is_cached_and_tabled(small_toy_dir, tmp_path):
     assert cached_result(tmp_path, "lora", "star_box", PROTOCOL) is None  # another protocol: not reused
     table = markdown_table(summarize([result]))
     assert "| lora | 1 |" in table
+    by_attribute = markdown_table(summarize([result]), "all", ATTRIBUTE_COLUMNS)
+    assert "identity_mark" in by_attribute and "| lora | 1 |" in by_attribute
+    older = {**result, "scores": {k: v for k, v in result["scores"].items() if k not in ATTRIBUTE_COLUMNS}}
+    assert "| lora |" not in markdown_table(summarize([older]), "all", ATTRIBUTE_COLUMNS)  # v1's runs lack them
     json.dumps(result)  # the cache is plain JSON

@@ -471,16 +471,24 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str
     }
 
 
-def markdown_table(summary: dict[str, dict[str, dict[str, float]]], group: str = "all") -> str:
-    """One row per setting (in `CONFIGS` order) of the headline means for `group` ("all", "easy", "hard")."""
-    columns = (*HEADLINE, "div_distance")
+ATTRIBUTE_COLUMNS = tuple(f"identity_{name}" for name in IDENTITY_ATTRIBUTES)
+
+
+def markdown_table(
+    summary: dict[str, dict[str, dict[str, float]]], group: str = "all", columns: Sequence[str] | None = None
+) -> str:
+    """One row per setting (in `CONFIGS` order) of the means of `columns` for `group` ("all", "easy", "hard").
+
+    `columns` defaults to the headline scores; a setting whose runs lack one of them is left out.
+    """
+    columns = tuple(columns or (*HEADLINE, "div_distance"))
     lines = [
         "| setting | n | " + " | ".join(columns) + " |",
         "|---|---|" + "---|" * len(columns),
     ]
     for setting in CONFIGS:
         row = summary.get(setting, {}).get(group)
-        if row is None:
+        if row is None or any(name not in row for name in columns):
             continue
         cells = " | ".join(f"{row[name]:.3f}" for name in columns)
         lines.append(f"| {setting} | {int(row['n'])} | {cells} |")
