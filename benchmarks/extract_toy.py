@@ -4,8 +4,9 @@
     python benchmarks/extract_toy.py --subject ring_ball --threads 2
 
 One full fine-tune of one toy subject on the shipped toy base model, run as the toy benchmark runs its
-"full-noppl" setting (`personalize_as_planned`: 300 steps at the protocol's full learning rate; without
-prior preservation, as the setting with the clearest identity to lose), then LoRAs extracted at fixed
+"full-noppl" setting (`personalize_as_planned`: the model's recommended steps, at the protocol's full
+learning rate or, where the protocol leaves it to the model (v2), the model's; without prior
+preservation, as the setting with the clearest identity to lose), then LoRAs extracted at fixed
 ranks and at energy thresholds. Each one, and the full fine-tune and the base model, generates the toy
 benchmark's samples (`generate_samples`, the frozen protocol's prompts and seeds) and is scored by the
 probe (`score`); pixel fidelity compares every image with the full fine-tune's at the same seed.

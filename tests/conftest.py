@@ -150,7 +150,9 @@ def small_toy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     small = {"num_images": 48, "vae_steps": 2, "vae_batch_size": 4, "decoder_steps": 2, "steps": 2, "batch_size": 4}
     small["architecture"] = "v1"
     folder = run(PretrainConfig(work_dir=work, threads=1, warmup_steps=1, **small))
-    # What a model trained this briefly can usefully recommend: few steps, few class images.
+    # What the export recommended (v1's settings), kept for test_toy_pretrain; then what a model trained
+    # this briefly can usefully recommend: few steps, few class images.
+    (work / "exported_recommendations.json").write_text((folder / "db_adapters.json").read_text())
     (folder / "db_adapters.json").write_text(json.dumps({"steps": 4, "learning_rate": 1e-3, "num_class_images": 2}))
     return folder
 

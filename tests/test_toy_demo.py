@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from types import SimpleNamespace
 
 import torch
@@ -12,7 +13,7 @@ from PIL import Image
 from db_adapters import personalize
 from db_adapters.cli import main
 from db_adapters.toy import SUBJECTS, load_base_pipeline
-from db_adapters.toy.demo import novel_scenes, run_demo
+from db_adapters.toy.demo import DEMO_STEPS, novel_scenes, run_demo
 
 QUICK = {"steps": 2, "num_class_images": 2, "class_inference_steps": 2, "progress": False}
 
@@ -23,6 +24,9 @@ def test_demo_writes_a_sheet_with_every_row(small_toy_dir, tmp_path):
     rows = 1 + 1 + 3 + 2  # references, [V], three new scenes, class before and after
     assert sheet.height == rows * (32 * 4 + 4)
     assert result.adapter.exists() and result.identifier
+    read = result.subject_read
+    assert set(read) == {"cls", "color", "pattern", "second_color", "mark", "identity"}
+    assert all(0 <= count <= 5 for count in read.values()) and read["identity"] <= min(read.values())
 
 
 def test_recontextualisation_uses_scenes_outside_the_references():
@@ -72,10 +76,43 @@ def test_recommendations_may_differ_by_strategy_and_set_its_options(small_toy_di
     assert (chosen.config.steps, chosen.strategy.options.rank) == (7, 8)  # the caller's own values win
 
 
+def test_a_recommended_text_encoder_yields_to_the_caller_and_to_pivotal_full(small_toy_dir, subject_images):
+    import pytest
+
+    from db_adapters import InputError
+    from db_adapters.plan import make_plan
+    from db_adapters.subjects import Subject
+
+    recommended = json.loads((small_toy_dir / "db_adapters.json").read_text())
+    pipe = load_base_pipeline(small_toy_dir)
+
+    def plan(strategy="lora", **settings):
+        return make_plan(pipe, [Subject(subject_images, "box")], strategy=strategy, settings=settings).config
+
+    try:
+        (small_toy_dir / "db_adapters.json").write_text(json.dumps({**recommended, "train_text_encoder": True}))
+        assert plan().train_text_encoder is True  # left out: the folder's recommendation
+        assert plan(train_text_encoder=False).train_text_encoder is False  # the caller's own value wins
+        # A full fine-tune with new tokens trains the embedding table already: the recommendation yields.
+        assert plan("full", pivotal_tokens=2).train_text_encoder is False
+        per_strategy = {"train_text_encoder": True, "strategies": {"full": {"train_text_encoder": False}}}
+        (small_toy_dir / "db_adapters.json").write_text(json.dumps({**recommended, **per_strategy}))
+        assert plan().train_text_encoder is True and plan("full").train_text_encoder is False
+        (small_toy_dir / "db_adapters.json").write_text(json.dumps({**recommended, "train_text_encoder": "yes"}))
+        with pytest.raises(InputError, match="train_text_encoder='yes' must be True, False or None"):
+            plan()
+    finally:
+        (small_toy_dir / "db_adapters.json").write_text(json.dumps(recommended))
+    assert plan().train_text_encoder is False  # no recommendation: off, as for real models
+
+
 def test_demo_command(small_toy_dir, tmp_path):
     result = CliRunner().invoke(main, ["demo", "--model", str(small_toy_dir), "--out", str(tmp_path), "--steps", "2"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "demo.png").exists() and "personalize" in result.output
+    assert re.search(r"probe +the subject in [0-5] of 5 'a \[V\]' samples \(cls [0-5], color", result.output)
+    help_text = CliRunner().invoke(main, ["demo", "--help"]).output
+    assert f"default: {DEMO_STEPS}" in help_text  # the help says what run_demo does
 
 
 def test_demo_rejects_unknown_subject(small_toy_dir, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from db_adapters.toy import pretrain
-from db_adapters.toy.base import MAX_TOKENS, load_base_pipeline, toy_caption_words
+from db_adapters.toy.base import MAX_TOKENS, RECOMMENDED_BY_ARCHITECTURE, load_base_pipeline, toy_caption_words
 
 SMALL = {
     "num_images": 48,
@@ -40,6 +40,13 @@ def test_recipe_runs_end_to_end_into_a_loadable_pipeline(tmp_path):
     lines = (tmp_path / "denoiser_loss.csv").read_text().splitlines()
     assert lines[0] == "step,loss,lr,elapsed_s"
     assert_decoder_stage_tuned_the_decoder_alone(tmp_path, pipe.vae.state_dict())
+    assert json.loads((folder / "db_adapters.json").read_text()) == RECOMMENDED_BY_ARCHITECTURE["v2"]
+
+
+def test_the_export_recommends_its_own_architectures_settings(small_toy_dir):
+    # small_toy_dir is a v1 model: it must not inherit v2's 400 steps and text-encoder training.
+    exported = json.loads((small_toy_dir.parent / "exported_recommendations.json").read_text())
+    assert exported == RECOMMENDED_BY_ARCHITECTURE["v1"] != RECOMMENDED_BY_ARCHITECTURE["v2"]
 
 
 def assert_decoder_stage_tuned_the_decoder_alone(work, shipped):

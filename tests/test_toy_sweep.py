@@ -27,8 +27,12 @@ def test_plans_cover_every_combination_on_the_easy_subjects_only(tmp_path):
                                           "lora-s600-lr0.001-r8"}  # fmt: skip
     assert {p.subject for p in plans} == {"star_box", "ring_ball", "cross_tent", "ring_cup"}
     assert {(p.steps, p.learning_rate, p.strategy_options["rank"]) for p in plans} >= {(600, 1e-3, 8)}
-    full = sweep.plans(sweep.parse_args(["--strategy", "full", "--learning-rates", "5e-5"]))
+    full = sweep.plans(sweep.parse_args(["--strategy", "full", "--learning-rates", "5e-5", "--steps", "300"]))
     assert {p.setting for p in full} == {"full-s300-lr5e-05"} and full[0].strategy_options == {}
+    assert all(p.train_text_encoder is False for p in plans + full)  # stated, not left to the model
+    with_encoder = sweep.plans(sweep.parse_args(["--steps", "400", "--train-text-encoder"]))
+    assert {p.setting for p in with_encoder} == {"lora-s400-lr0.001-r4-te"}
+    assert all(p.train_text_encoder is True for p in with_encoder)
 
 
 def fake(sweep, results_dir: Path, plans, identity: float, fidelity: float, pres: float) -> None:
@@ -64,6 +68,13 @@ def test_without_a_pass_the_report_names_the_nearest_complete_combination(tmp_pa
     fake(sweep, tmp_path, scene_bound, identity=0.95, fidelity=0.4, pres=0.0)  # short by 0.4
     fake(sweep, tmp_path, balanced, identity=0.78, fidelity=0.79, pres=0.0)  # short by 0.02
     fake(sweep, tmp_path, partial[:2], identity=0.8, fidelity=0.8, pres=0.0)  # passes, but on 2 subjects only
+    full = sweep.plans(sweep.parse_args(["--strategy", "full", "--steps", "400", "--learning-rates", "7e-5"]))
+    fake(sweep, tmp_path, full, identity=0.9, fidelity=0.9, pres=0.0)  # passes, but is another strategy's
     text = sweep.report(args)
     assert "Pick: none passes yet." in text and "Nearest: lora-s400-lr0.001-r4 (largest shortfall 0.020" in text
+    assert "full-s400" not in text and "full-s400-lr7e-05 | 4 |" in sweep.report(full_args(sweep, tmp_path))
     assert sweep.shortfall({"identity": 0.9, "fidelity": 0.9, "pres": 0.08}) == pytest.approx(0.03)
+
+
+def full_args(sweep, results_dir: Path):
+    return sweep.parse_args(["--results-dir", str(results_dir), "--report", "--strategy", "full"])

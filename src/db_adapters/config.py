@@ -203,6 +203,11 @@ class TrainConfig:
         for name in ("steps", "num_class_images", "class_inference_steps"):
             if getattr(self, name) is not None:
                 self._check_positive_int(name, getattr(self, name))
+        if self.train_text_encoder is not None and not isinstance(self.train_text_encoder, bool):
+            raise InputError(
+                f"train_text_encoder={self.train_text_encoder!r} must be True, False or None (the model folder's "
+                "recommendation); check db_adapters.json if you did not set it."
+            )
         if not isinstance(self.pivotal_tokens, int) or isinstance(self.pivotal_tokens, bool) or self.pivotal_tokens < 0:
             raise InputError(f"pivotal_tokens={self.pivotal_tokens!r} must be an integer >= 0 (2 is usual; 0: off).")
         for name in ("learning_rate", "text_encoder_learning_rate", "token_learning_rate"):

@@ -159,7 +159,7 @@ def _resolve_defaults(
     return dataclasses.replace(
         config,
         steps=pick("steps", DEFAULT_STEPS),
-        train_text_encoder=bool(pick("train_text_encoder", False)),
+        train_text_encoder=_text_encoder_choice(config, strategy, recommended),
         learning_rate=learning_rate,
         text_encoder_learning_rate=config.text_encoder_learning_rate or learning_rate,
         token_learning_rate=config.token_learning_rate or DEFAULT_TOKEN_LEARNING_RATE,
@@ -176,6 +176,19 @@ def _resolve_defaults(
         quantize_base=_unset_or(config.quantize_base, preset.get("quantize_base")),
         offload_frozen=offload_wanted(_unset_or(config.offload_frozen, preset.get("offload_frozen")), denoiser.device),
     )
+
+
+def _text_encoder_choice(config: TrainConfig, strategy: Strategy, recommended: dict[str, Any]) -> Any:
+    """The caller's `train_text_encoder`, else the model folder's recommendation, else False.
+
+    A recommendation yields to pivotal tuning in a full fine-tune, which trains the embedding table already
+    (the caller asking for both is refused in `make_plan`). Not coerced to bool: `TrainConfig` checks it.
+    """
+    if config.train_text_encoder is not None:
+        return config.train_text_encoder
+    if config.pivotal_tokens and strategy.name == "full":
+        return False
+    return recommended.get("train_text_encoder", False)
 
 
 def _unset_or(value: Any, fallback: Any) -> Any:

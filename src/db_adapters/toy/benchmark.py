@@ -6,7 +6,7 @@ estimated from embeddings, and its L2-normalised features stand in for DINO.
 
 Per (setting, subject) run, against the same seeds every time:
 - identity rate: share of "a [V] {class}" images whose class, colour, pattern, second colour and
-  mark all match the subject;
+  mark all match the subject; `identity_{attribute}`: the share with that one attribute right;
 - probe-DINO: mean cosine of probe features, those images vs the reference photos;
 - prompt fidelity: share of "a [V] {class} {scene}" images (3 scenes the references never show)
   in the asked scene; `context_identity` is the identity rate among the same images;
@@ -62,8 +62,9 @@ class Protocol:
     common_word: str = "night"  # a trained word with a strong (scene) prior, as "a common English word"
     rare_letters: str = "sks"  # the community's pick: split into letters by the toy tokenizer
     # The "full" setting's learning rate; None: the model folder's recommendation for `full`, as LoRA
-    # uses its recommendation. v1 recommended one rate for every strategy, so its protocol fixed 1e-4.
-    full_learning_rate: float | None = None
+    # uses its recommendation. v1 recommended one rate for every strategy, so its protocol fixed this
+    # one; v2 recommends a rate per strategy, and `protocol_for` gives v2 None.
+    full_learning_rate: float | None = 1e-4
     # The base model the numbers belong to (`base.architecture_name` of its folder): "v1", the first
     # 1.7M-parameter UNet, or "v2", the retrained one. `protocol_for` reads it off a model folder.
     base_model: str = "v1"
@@ -76,9 +77,6 @@ class Protocol:
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
-V1_FULL_LEARNING_RATE = 1e-4  # a fifth of v1's pretraining rate (v1 recommended 1e-3 for LoRA)
-
-
 def protocol_for(model: str | Path | None = None) -> Protocol:
     """The frozen protocol for the toy model in `model` (default: the shipped one).
 
@@ -89,7 +87,7 @@ def protocol_for(model: str | Path | None = None) -> Protocol:
     from .base import architecture_name
 
     name = architecture_name(model)
-    return Protocol(base_model=name, full_learning_rate=V1_FULL_LEARNING_RATE if name == "v1" else None)
+    return Protocol(base_model=name) if name == "v1" else Protocol(base_model=name, full_learning_rate=None)
 
 
 PROTOCOL = protocol_for()
@@ -117,10 +115,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "steps-600": {"steps": 600},
     "steps-1000": {"steps": 1000},
     "full-noppl": {"strategy": "full", "prior_preservation": False},
-    "dora": {"strategy": "dora"},  # rank 4 and a magnitude vector per adapted layer: 32,256
-    "loha": {"strategy": "loha", "rank": 2},  # two rank-2 pairs per layer: 28,672
-    "lokr": {"strategy": "lokr", "rank": 8, "decompose_factor": 2},  # 2x2 (x) rank-8 32x32: 28,896
-    "oft": {"strategy": "oft", "block_size": 16},  # 4 blocks of 16x16 per layer: 26,880
+    # Trainable on the UNet, v1 / v2 (LoRA rank 4: 28,672 / 51,968):
+    "dora": {"strategy": "dora"},  # rank 4 and a magnitude vector per adapted layer: 32,256 / 58,368
+    "loha": {"strategy": "loha", "rank": 2},  # two rank-2 pairs per layer: 28,672 / 51,968
+    "lokr": {"strategy": "lokr", "rank": 8, "decompose_factor": 2},  # a 2x2 factor (x) a rank-8 one: 28,896 / 52,192
+    "oft": {"strategy": "oft", "block_size": 16},  # 16x16 blocks: 26,880 / 49,440
 }
 # The keys of a setting that are strategy options rather than `RunPlan` fields.
 STRATEGY_OPTION_KEYS = ("rank", "decompose_factor", "block_size")
@@ -462,7 +461,8 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str
     return {
         setting: {
             group: {
-                **{name: sum(s[name] for s in scores) / len(scores) for name in scores[0]},
+                # Only the scores every run has: runs cached before a score existed lack it.
+                **{name: sum(s[name] for s in scores) / len(scores) for name in set.intersection(*map(set, scores))},
                 "n": float(len(scores)),
             }
             for group, scores in groups.items()

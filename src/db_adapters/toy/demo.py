@@ -95,7 +95,8 @@ def run_demo(
         out (`str | Path`): folder for the sheet, the adapter and the run's files.
         pipe (`StableDiffusionPipeline | None`): default the shipped toy base model.
         sample_steps (`int`): sampler steps per image.
-        **personalize_options: passed to `personalize` (e.g. `steps=100`; default `DEMO_STEPS`).
+        **personalize_options: passed to `personalize` (e.g. `steps=100`). `steps` defaults to `DEMO_STEPS`
+            for any model, in place of the model folder's recommendation; the rest come from the folder.
 
     Example:
         >>> from db_adapters.toy.demo import run_demo

@@ -585,5 +585,7 @@ def stage_export(config: PretrainConfig, work: Path, deadline: float | None) -> 
     pipe.unet.to(getattr(torch, config.export_unet_dtype))
     pipe.save_pretrained(work / "pipeline")
     # Settings `personalize` uses for this model when the caller leaves them out.
-    (work / "pipeline" / RECOMMENDATIONS_FILE).write_text(json.dumps(base.RECOMMENDED, indent=1))
+    (work / "pipeline" / RECOMMENDATIONS_FILE).write_text(
+        json.dumps(base.RECOMMENDED_BY_ARCHITECTURE[config.architecture], indent=1)
+    )
     return 0.0
