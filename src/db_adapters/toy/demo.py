@@ -57,11 +57,12 @@ def samples(pipe: StableDiffusionPipeline, prompt: str, count: int, steps: int) 
 
 def read_subject(images: list[Image.Image], subject: Subject) -> dict[str, int]:
     """How many `images` the frozen probe reads with each identity attribute of `subject`, and with all."""
+    from .benchmark import matches_identity
     from .probe import load_probe
 
     reads = load_probe().predict(images)
     counts = {name: sum(r[name] == subject.attributes[name] for r in reads) for name in IDENTITY_ATTRIBUTES}
-    return counts | {"identity": sum(all(r[n] == subject.attributes[n] for n in IDENTITY_ATTRIBUTES) for r in reads)}
+    return counts | {"identity": sum(matches_identity(r, subject) for r in reads)}
 
 
 def sheet(rows: list[tuple[str, list[Image.Image]]]) -> Image.Image:
