@@ -382,3 +382,17 @@ def test_real_t5_vocabulary():
         "sentencepiece model (spiece.model), and transformers downloads it from the hub; the rule is tested on "
         "the tiny T5 tokenizer above"
     )
+
+
+def test_an_identifier_warning_points_at_the_callers_line():
+    # Reached from make_plan through several of our frames; the warning must name the user's file.
+    from PIL import Image
+
+    from db_adapters.plan import make_plan
+    from db_adapters.subjects import Subject
+    from db_adapters.testing import tiny_pipeline
+
+    subject = Subject([Image.new("RGB", (32, 32), "red")], "dog", identifier="sks")
+    with pytest.warns(IdentifierWarning) as caught:
+        make_plan(tiny_pipeline(), [subject], strategy="lora", settings={})
+    assert [record.filename for record in caught if record.category is IdentifierWarning] == [__file__]

@@ -72,6 +72,20 @@ def test_caption_words_are_single_tokens(tmp_path):
         assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, word
 
 
+@pytest.mark.parametrize("architecture", ["v2", "v3"])
+def test_a_saved_model_folder_names_its_architecture(tmp_path, architecture):
+    # v2 and v3 share the UNet and differ in the VAE, so the name must be read off both.
+    from db_adapters.toy import base
+
+    tokenizer = base.build_tokenizer(tmp_path / "tok")
+    parts = base.build_vae(architecture), base.build_unet(architecture)
+    base.assemble_pipeline(*parts, base.build_text_encoder(tokenizer, architecture), tokenizer).save_pretrained(
+        tmp_path / "model"
+    )
+    assert base.architecture_name(tmp_path / "model") == architecture
+    assert parts[0].config.block_out_channels[0] == {"v2": 32, "v3": 48}[architecture]
+
+
 def test_paused_run_resumes_bit_exactly(tmp_path, monkeypatch):
     straight = tmp_path / "straight"
     pretrain.run(config(straight))

@@ -33,8 +33,10 @@ import functools
 import gzip
 import random
 import re
+import sys
 import warnings
 from importlib import resources
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import InputError
@@ -431,5 +433,19 @@ def validate_identifier(tokenizer: Tokenizers, identifier: str, class_noun: str,
         )
         if strict:
             raise InputError(message)
-        warnings.warn(message, IdentifierWarning, stacklevel=2)
+        warnings.warn(message, IdentifierWarning, stacklevel=_stacklevel_outside_package())
     return identifier
+
+
+def _stacklevel_outside_package() -> int:
+    """The `stacklevel` that points a warning at the first caller outside db_adapters.
+
+    `validate_identifier` is reached from `personalize` through several of our frames; a fixed level
+    would name one of them, not the user's line. (Python 3.12's `skip_file_prefixes` does this; we
+    support 3.11.)
+    """
+    package = str(Path(__file__).parent)
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level

@@ -244,7 +244,7 @@ def stage_vae(config: PretrainConfig, work: Path, deadline: float | None) -> flo
         return None
     images, _ = load_dataset(work)
     torch.manual_seed(config.seed)
-    vae = base.build_vae()
+    vae = base.build_vae(config.architecture)
     generator = torch.Generator().manual_seed(config.seed)
     elapsed = _train_autoencoder(
         vae, list(vae.parameters()), images, config, Loop(config, work, "vae", deadline), generator, train_encoder=True
@@ -548,7 +548,8 @@ def checkpoint_pipeline(work: Path) -> Any:
     if stem is None:
         raise FileNotFoundError(f"no denoiser checkpoint in {work / 'denoiser_checkpoints'}")
     tensors, _ = load_checkpoint(stem)
-    architecture = base.architecture_of_width(tensors["unet.conv_in.weight"].shape[0])
+    vae_channels = AutoencoderKL.load_config(tuned_vae_dir(work))["block_out_channels"][0]
+    architecture = base.architecture_of(tensors["unet.conv_in.weight"].shape[0], vae_channels)
     tokenizer = _tokenizer(work / "tokenizer")
     unet, text_encoder = base.build_unet(architecture), base.build_text_encoder(tokenizer, architecture)
     params = list(unet.parameters()) + list(text_encoder.parameters())
