@@ -131,6 +131,20 @@ def test_base_model_quality_report_shape(small_toy_dir):
     assert set(report["met"]["every_colour_and_pattern"]) == {"box", "ball", "cup", "tent"}
     assert not any(report["met"]["every_colour_and_pattern"].values())  # 2 samples cannot show 8 colours
     assert set(report["ceiling"]) == set(TARGETS)
+    assert 0 <= report["colour_swaps"] <= 1
+
+
+def test_colour_swaps_count_only_the_exchange_of_both_colours():
+    from db_adapters.toy.quality import colour_swap_rate
+
+    asked = [{"color": "red", "second_color": "blue"}] * 4
+    read = [
+        {"color": "blue", "second_color": "red"},  # swapped
+        {"color": "blue", "second_color": "blue"},  # body wrong, pattern right: not a swap
+        {"color": "red", "second_color": "red"},  # pattern took the body's colour: not a swap
+        {"color": "red", "second_color": "blue"},  # right
+    ]
+    assert colour_swap_rate(read, asked) == 0.25
 
 
 class RoundTrip(torch.nn.Module):

@@ -11,6 +11,7 @@ patterns the probe sees among them measure diversity (the prior that prior prese
 Ceiling: the same reading of the model's own VAE round trip (encode, decode) of renders with the
 prompts' attributes: what a denoiser that reproduced the encoder's latents exactly would be read at
 (an expectation, not a strict bound: a denoiser may land on latents the decoder renders better).
+Colour swaps: the share of prompts drawn with the body's and the pattern's colours exchanged.
 Targets (issue 14): class, colour and scene >= 0.95; pattern, second colour and mark >= 0.90; every
 colour and every pattern among 64 "a {class}" samples of each class.
 """
@@ -98,6 +99,23 @@ def reconstruction_ceiling(vae: Any, asked: list[dict[str, str]], seed: int) -> 
     return {name: sum(r[name] == a[name] for r, a in zip(read, asked, strict=True)) / len(asked) for name in SCORED}
 
 
+def colour_swap_rate(read: list[dict[str, str]], asked: list[dict[str, str]]) -> float:
+    """The share of images drawn with the body's and the pattern's colours swapped.
+
+    "a red box with blue dots" drawn as a blue box with red dots is an attribute-binding failure: both
+    colours were heard, bound to the wrong parts. It is the commonest colour error of the v2 model.
+
+    Example:
+        >>> asked = [{"color": "red", "second_color": "blue"}, {"color": "red", "second_color": "blue"}]
+        >>> colour_swap_rate([{"color": "blue", "second_color": "red"}, asked[1]], asked)
+        0.5
+    """
+    swapped = [
+        r["color"] == a["second_color"] and r["second_color"] == a["color"] for r, a in zip(read, asked, strict=True)
+    ]
+    return sum(swapped) / len(asked)
+
+
 def base_model_quality(
     pipe: StableDiffusionPipeline,
     *,
@@ -146,6 +164,7 @@ def base_model_quality(
     }
     return {
         "accuracy": accuracy,
+        "colour_swaps": colour_swap_rate(read, asked),
         "ceiling": reconstruction_ceiling(pipe.vae, asked, seed),
         "targets": TARGETS,
         "met": {name: accuracy[name] >= TARGETS[name] for name in TARGETS} | {"every_colour_and_pattern": every},
