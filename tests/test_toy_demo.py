@@ -166,6 +166,17 @@ class RoundTrip(torch.nn.Module):
         return SimpleNamespace(sample=kept)
 
 
+def test_quality_reports_a_vae_folders_ceiling_alone(tmp_path, capsys):
+    # A recipe's VAE is judged before any denoiser is trained on its latents.
+    from db_adapters.toy.base import build_vae
+    from db_adapters.toy.quality import SCORED, main
+
+    build_vae("v3").save_pretrained(tmp_path / "vae")
+    main(["--vae", str(tmp_path / "vae"), "--samples", "4"])
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["ceiling"]) == set(SCORED) and report["settings"] == {"samples": 4}
+
+
 def test_reconstruction_ceiling_reads_what_the_round_trip_keeps():
     from db_adapters.toy.quality import SCORED, prompt_attributes, reconstruction_ceiling
 

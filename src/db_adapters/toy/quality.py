@@ -1,6 +1,7 @@
 """How well a toy base model follows its prompts and keeps its class prior, read by the frozen probe.
 
     python -m db_adapters.toy.quality --model runs/toy-base/pipeline [--samples 400]
+    python -m db_adapters.toy.quality --vae runs/toy-base/vae_ft     # a VAE's ceiling alone
 
 Prompt following: `samples` prompts that name every attribute, "a {colour} {class} with {second
 colour} {pattern noun} and a {mark} {scene}" ("a red box with yellow checks and a star on the
@@ -191,7 +192,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--work-dir", default=None, help="a recipe run in progress: its newest checkpoint's EMA")
+    parser.add_argument("--vae", default=None, help="a VAE folder: report only its ceiling (no denoiser needed)")
     args = parser.parse_args(argv)
+    if args.vae:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.vae).to(args.device).eval()
+        ceiling = reconstruction_ceiling(vae, prompt_attributes(args.samples, args.seed), args.seed)
+        print(json.dumps({"ceiling": ceiling, "targets": TARGETS, "settings": {"samples": args.samples}}, indent=1))
+        return
     if args.work_dir:
         from pathlib import Path
 
