@@ -3,8 +3,9 @@
     python examples/train_toy_base.py --work-dir runs/toy-base            # all stages, resumable
     python examples/train_toy_base.py --work-dir runs/toy-base --max-minutes 50   # one sitting
 
-Rerunning the same command continues from the last checkpoint. The result is a diffusers folder,
-`WORK_DIR/pipeline`, that `StableDiffusionPipeline.from_pretrained` loads; copying it to
+Rerunning the command continues from the last checkpoint, with the settings the run began with
+(recorded in WORK_DIR/recipe.json; only per-sitting ones such as --max-minutes may change). The
+result is a diffusers folder, `WORK_DIR/pipeline`, that `StableDiffusionPipeline.from_pretrained` loads; copying it to
 `src/db_adapters/assets/toy/base` makes it the shipped default.
 """
 
@@ -15,7 +16,8 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from db_adapters.toy.pretrain import OutOfTime, PretrainConfig, run
+from db_adapters.errors import InputError
+from db_adapters.toy.pretrain import OutOfTime, PretrainConfig, config_for, run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,9 +28,13 @@ def main(argv: list[str] | None = None) -> int:
             kind = {"float": float, "float | None": float, "str": str}.get(field.type, int)
             parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=None)
     args = vars(parser.parse_args(argv))
-    config = PretrainConfig(**{k: v for k, v in args.items() if v is not None})
     try:
+        # A started run continues with the settings it began with (recorded in WORK_DIR/recipe.json).
+        config = config_for(args.pop("work_dir"), **{k: v for k, v in args.items() if v is not None})
         folder = run(config)
+    except InputError as refused:
+        print(f"error: {refused}", file=sys.stderr)
+        return 2
     except OutOfTime as stop:
         print(f"paused: {stop}")
         return 3

@@ -64,6 +64,19 @@ def assert_decoder_stage_tuned_the_decoder_alone(work, shipped):
     assert all(torch.equal(shipped[k], after[k]) for k in tuned)  # the pipeline ships the tuned decoder
 
 
+def test_a_started_run_continues_with_the_settings_it_began_with(tmp_path):
+    from db_adapters.errors import InputError
+
+    started = pretrain.config_for(tmp_path, architecture="v3", steps=12, rare_from_step=0, max_minutes=1.0)
+    pretrain._record_config(tmp_path, started)
+    resumed = pretrain.config_for(tmp_path, max_minutes=30.0, render_workers=2)  # this sitting's settings only
+    assert (resumed.architecture, resumed.steps, resumed.rare_from_step) == ("v3", 12, 0)
+    assert (resumed.max_minutes, resumed.render_workers, resumed.work_dir) == (30.0, 2, tmp_path)
+    assert pretrain.config_for(tmp_path, steps=12).steps == 12  # the same value is no change
+    with pytest.raises(InputError, match=r"steps=10000 \(the run has 12\).*new --work-dir"):
+        pretrain.config_for(tmp_path, steps=10_000)
+
+
 def test_caption_words_are_single_tokens(tmp_path):
     from db_adapters.toy.base import build_tokenizer
 

@@ -28,7 +28,7 @@ import csv
 import json
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from ..checkpoint import (
     restore_optimizer,
     save_checkpoint,
 )
+from ..errors import InputError
 from ..files import save_tensors
 from ..loss import PriorPreservationLoss
 from ..pipelines import RECOMMENDATIONS_FILE
@@ -92,6 +93,51 @@ class PretrainConfig:
     render_workers: int = 1  # processes that render the dataset (renders are per-seed deterministic)
 
 
+# Settings that may change between the sittings of one run: where and how long it computes, and how
+# often it writes. Every other setting shapes the weights, so a started run keeps the ones it began with.
+SITTING_SETTINGS = frozenset(
+    {"work_dir", "max_minutes", "render_workers", "device", "threads"}
+    | {"checkpoint_every", "log_every", "keep_checkpoints"}
+)
+
+
+def config_for(work_dir: str | Path, **given: Any) -> PretrainConfig:
+    """The settings to run `work_dir` with: a started run's recorded ones, with this sitting's given ones.
+
+    A paused run must continue as it began (a v3 run resumed without its flags would otherwise take the
+    defaults' step count and caption schedule), so a started run takes its settings from its
+    recipe.json, and a given setting that would change the weights is refused.
+
+    Args:
+        work_dir (`str | Path`): the run's folder; a new one starts with `given` over the defaults.
+        **given: settings from the command line (`PretrainConfig` fields).
+
+    Raises:
+        InputError: if the run was started with other values of settings in `given` that shape the weights.
+
+    Example:
+        >>> import tempfile
+        >>> config_for(tempfile.mkdtemp(), steps=8).steps
+        8
+    """
+    work = Path(work_dir)
+    path = work / "recipe.json"
+    recorded = json.loads(path.read_text()).get("config", {}) if path.is_file() else {}
+    conflicts = [
+        f"{name}={value!r} (the run has {recorded[name]!r})"
+        for name, value in given.items()
+        if name not in SITTING_SETTINGS and name in recorded and recorded[name] != value
+    ]
+    if conflicts:
+        raise InputError(
+            f"{work} is a run started with other settings: {', '.join(conflicts)}. Leave those out to continue "
+            "it as it began, or give a new --work-dir to start another run."
+        )
+    known = {field.name for field in fields(PretrainConfig)} - SITTING_SETTINGS
+    kept = {name: value for name, value in recorded.items() if name in known}
+    return PretrainConfig(**{**kept, **given, "work_dir": work})
+
+
 class OutOfTime(Exception):
     """The run's time budget is spent; it stopped after a checkpoint and continues when rerun."""
 
@@ -104,6 +150,7 @@ def run(config: PretrainConfig) -> Path:
     work = Path(config.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + config.max_minutes * 60 if config.max_minutes else None
+    _record_config(work, config)  # before any stage, so a run paused in its first stage resumes as it began
     for stage in (stage_dataset, stage_vae, stage_latents, stage_decoder, stage_denoiser, stage_export):
         started = time.monotonic()
         seconds = stage(config, work, deadline)  # None when the stage had already finished
@@ -113,9 +160,18 @@ def run(config: PretrainConfig) -> Path:
 
 
 def _record(work: Path, stage: str, seconds: float, config: PretrainConfig) -> None:
+    _update_recipe(work, lambda recipe: recipe["stages"].__setitem__(stage, {"wall_s": round(seconds, 1)}), config)
+
+
+def _record_config(work: Path, config: PretrainConfig) -> None:
+    _update_recipe(work, lambda recipe: None, config)
+
+
+def _update_recipe(work: Path, change: Any, config: PretrainConfig) -> None:
     path = work / "recipe.json"
-    recipe = json.loads(path.read_text()) if path.exists() else {"stages": {}}
-    recipe["stages"][stage] = {"wall_s": round(seconds, 1)}
+    recipe = json.loads(path.read_text()) if path.exists() else {}
+    recipe.setdefault("stages", {})
+    change(recipe)
     recipe["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
     path.write_text(json.dumps(recipe, indent=1, sort_keys=True))
 
