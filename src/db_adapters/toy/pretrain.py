@@ -19,7 +19,8 @@ Losses go to `work_dir/*_loss.csv`; the settings and wall time of every stage to
 
 The defaults are the shipped (v2) model's recipe. The first model (v1) was `architecture="v1",
 caption_omission=0.5, class_only_captions=0.0, snr_gamma=None, steps=8000, export_unet_dtype="float32",
-decoder_steps=0, rare_share=0.0`.
+decoder_steps=0, rare_share=0.0`. The next (v3, in training: a wider VAE) is `architecture="v3",
+vae_steps=3000, decoder_steps=2000, rare_from_step=0, steps=12000`.
 """
 
 from __future__ import annotations
