@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# What one GPU lease ran (one H100, 15 minutes): finish the toy base model's denoiser stage from the
-# CPU run's checkpoint, report its probe quality, then as much of the toy DreamBench grid as fits.
+# For one GPU lease (one H100, 15 minutes): finish the toy base model's denoiser stage from the CPU
+# run's committed checkpoint (WORK, default the v3 run in training; it continues with the settings
+# it began with), report its probe quality, then as much of the toy DreamBench grid as fits.
 # The CPU recipe (examples/train_toy_base.py) stays the documented one; this only continues it.
 # Needs wheels in .whl/ (diffusers, peft, importlib_metadata) since the GPU image lacks diffusers.
 set -u
@@ -11,7 +12,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD/src
 python3 -c "import torch, diffusers, peft, transformers, accelerate; print(torch.__version__, torch.cuda.get_device_name(), 'diffusers', diffusers.__version__, 'peft', peft.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)"
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-WORK=toy_training/toy-base
+WORK=${WORK:-toy_training/toy-base-v3}
 if [ "${STAGE:-all}" = bench ]; then
   # Only the grid, on the shipped base model (second lease). Finished runs are cached one JSON each;
   # a background loop packs them every 15 s, so whatever finished comes back even if the lease ends
