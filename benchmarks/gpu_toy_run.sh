@@ -29,6 +29,9 @@ if [ "${STAGE:-all}" = bench ]; then
   echo "all done at $(( $(date +%s) - START )) s"
   exit 0
 fi
+if ! ls $WORK/denoiser_checkpoints/*.json >/dev/null 2>&1 && [ ! -f $WORK/denoiser_done.json ]; then
+  echo "no denoiser checkpoint in $WORK: this script continues a committed CPU run, it does not start one"; exit 2
+fi
 python3 examples/train_toy_base.py --work-dir $WORK --device cuda --render-workers 16 --threads 4 --max-minutes 6 2>&1 | grep -v "it/s" | tail -5
 echo "pretrain done at $(( $(date +%s) - START )) s"
 tar czf "$OUT/toy_base.tgz" $WORK/pipeline $WORK/denoiser_loss.csv $WORK/recipe.json $WORK/denoiser_done.json 2>/dev/null

@@ -174,7 +174,7 @@ def test_quality_reports_a_vae_folders_ceiling_alone(tmp_path, capsys):
     build_vae("v3").save_pretrained(tmp_path / "vae")
     main(["--vae", str(tmp_path / "vae"), "--samples", "4"])
     report = json.loads(capsys.readouterr().out)
-    assert set(report["ceiling"]) == set(SCORED) and report["settings"] == {"samples": 4}
+    assert set(report["ceiling"]) == set(SCORED) and report["settings"] == {"samples": 4, "seed": 0}
 
 
 def test_reconstruction_ceiling_reads_what_the_round_trip_keeps():

@@ -75,6 +75,20 @@ def test_a_started_run_continues_with_the_settings_it_began_with(tmp_path):
     assert pretrain.config_for(tmp_path, steps=12).steps == 12  # the same value is no change
     with pytest.raises(InputError, match=r"steps=10000 \(the run has 12\).*new --work-dir"):
         pretrain.config_for(tmp_path, steps=10_000)
+    with pytest.raises(InputError, match=r"steps=10000 \(the run has 12\)"):
+        pretrain.run(pretrain.PretrainConfig(work_dir=tmp_path, architecture="v3", steps=10_000, rare_from_step=0))
+
+
+def test_a_run_recorded_by_an_older_recipe_must_name_what_it_did_not_record(tmp_path):
+    # v1's recipe.json predates `architecture`: taking today's default ("v2") would change the run.
+    from db_adapters.errors import InputError
+
+    (tmp_path / "recipe.json").write_text(json.dumps({"config": {"steps": 8000, "seed": 0}}))
+    with pytest.raises(InputError, match="does not record.*architecture"):
+        pretrain.config_for(tmp_path)
+    every_other = {name: getattr(pretrain.PretrainConfig(tmp_path), name) for name in pretrain._WEIGHT_SETTINGS}
+    named = {**every_other, "architecture": "v1", "steps": 8000}
+    assert pretrain.config_for(tmp_path, **named).architecture == "v1"
 
 
 def test_caption_words_are_single_tokens(tmp_path):

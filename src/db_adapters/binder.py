@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import os
 import random
 import re
 import sys
@@ -444,7 +445,7 @@ def _stacklevel_outside_package() -> int:
     would name one of them, not the user's line. (Python 3.12's `skip_file_prefixes` does this; we
     support 3.11.)
     """
-    package = str(Path(__file__).parent)
+    package = str(Path(__file__).parent) + os.sep
     frame, level = sys._getframe(1), 1
     while frame is not None and frame.f_code.co_filename.startswith(package):
         frame, level = frame.f_back, level + 1

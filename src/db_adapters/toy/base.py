@@ -1,8 +1,9 @@
 """The toy base model: a real, tiny `StableDiffusionPipeline` for the toy world, and where it ships.
 
 Architecture (`ARCHITECTURES`; "v2" is the shipped one, "v1" the first, which followed "a {colour}
-{pattern} {class}" but rarely drew a named second colour or mark):
-- `AutoencoderKL` with one downsampling: 32x32 RGB <-> 16x16x4 latents (the same in both).
+{pattern} {class}" but rarely drew a named second colour or mark, "v3" the one in training):
+- `AutoencoderKL` with one downsampling: 32x32 RGB <-> 16x16x4 latents. v1 and v2: channels (32, 64),
+  one layer a block; v3 (in training): channels (48, 96), two layers a block, and otherwise v2.
 - `UNet2DConditionModel` on 16x16 latents with cross-attention in the two lower levels. v2: channels
   (64, 96, 128), about 5.6M parameters, and the pooled prompt added to the timestep embedding
   (`addition_embed_type="text"`), so the 16x16 level, which has no cross-attention, also hears the
@@ -15,6 +16,7 @@ Architecture (`ARCHITECTURES`; "v2" is the shipped one, "v1" the first, which fo
 
 from __future__ import annotations
 
+import copy
 import functools
 from importlib import resources
 from pathlib import Path
@@ -68,7 +70,7 @@ RECOMMENDED_BY_ARCHITECTURE: dict[str, dict[str, Any]] = {
     },
 }
 # v3 starts from v2's settings until a sweep on v3 chooses its own.
-RECOMMENDED_BY_ARCHITECTURE["v3"] = RECOMMENDED_BY_ARCHITECTURE["v2"]
+RECOMMENDED_BY_ARCHITECTURE["v3"] = copy.deepcopy(RECOMMENDED_BY_ARCHITECTURE["v2"])
 RECOMMENDED = RECOMMENDED_BY_ARCHITECTURE["v2"]  # the shipped model's
 
 
@@ -182,7 +184,7 @@ def assemble_pipeline(vae: Any, unet: Any, text_encoder: Any, tokenizer: Any) ->
 
 
 def architecture_name(folder: str | Path | None = None) -> str:
-    """Which of `ARCHITECTURES` a toy model folder's UNet is (read off its config), e.g. "v1".
+    """Which of `ARCHITECTURES` a toy model folder is (read off its UNet's and VAE's configs), e.g. "v1".
 
     Args:
         folder (`str | Path | None`): a toy model folder; default the shipped one.

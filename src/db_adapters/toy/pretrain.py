@@ -114,7 +114,9 @@ def config_for(work_dir: str | Path, **given: Any) -> PretrainConfig:
         **given: settings from the command line (`PretrainConfig` fields).
 
     Raises:
-        InputError: if the run was started with other values of settings in `given` that shape the weights.
+        InputError: if the run was started with other values of settings in `given` that shape the
+            weights, or its recipe.json (written by an older recipe) does not record one that `given`
+            leaves out.
 
     Example:
         >>> import tempfile
@@ -122,21 +124,41 @@ def config_for(work_dir: str | Path, **given: Any) -> PretrainConfig:
         8
     """
     work = Path(work_dir)
-    path = work / "recipe.json"
-    recorded = json.loads(path.read_text()).get("config", {}) if path.is_file() else {}
-    conflicts = [
-        f"{name}={value!r} (the run has {recorded[name]!r})"
-        for name, value in given.items()
-        if name not in SITTING_SETTINGS and name in recorded and recorded[name] != value
-    ]
-    if conflicts:
+    recorded = _recorded_settings(work)
+    if recorded is None:
+        return PretrainConfig(**{**given, "work_dir": work})
+    missing = sorted(_WEIGHT_SETTINGS - recorded.keys() - given.keys())
+    if missing:
         raise InputError(
-            f"{work} is a run started with other settings: {', '.join(conflicts)}. Leave those out to continue "
-            "it as it began, or give a new --work-dir to start another run."
+            f"{work / 'recipe.json'} does not record {', '.join(missing)} (the run was started by an older "
+            "recipe): give each as a flag with the value the run began with, or give a new --work-dir."
         )
-    known = {field.name for field in fields(PretrainConfig)} - SITTING_SETTINGS
-    kept = {name: value for name, value in recorded.items() if name in known}
+    _refuse_changed_settings(work, recorded, given)
+    kept = {name: value for name, value in recorded.items() if name in _WEIGHT_SETTINGS}
     return PretrainConfig(**{**kept, **given, "work_dir": work})
+
+
+_WEIGHT_SETTINGS = frozenset(field.name for field in fields(PretrainConfig)) - SITTING_SETTINGS
+
+
+def _recorded_settings(work: Path) -> dict[str, Any] | None:
+    """The settings recipe.json recorded for a started run; None for a run not started."""
+    path = work / "recipe.json"
+    return json.loads(path.read_text()).get("config", {}) if path.is_file() else None
+
+
+def _refuse_changed_settings(work: Path, recorded: dict[str, Any], settings: dict[str, Any]) -> None:
+    changed = [
+        f"{name}={value!r} (the run has {recorded[name]!r})"
+        for name, value in settings.items()
+        if name in _WEIGHT_SETTINGS and name in recorded and recorded[name] != value
+    ]
+    if changed:
+        raise InputError(
+            f"{work} is a run started with other settings: {', '.join(changed)}. Leave those out to continue it "
+            "as it began, or give a new --work-dir to start another run. (To change a run on purpose, as v2's "
+            "steps were cut from 12,000 to 10,000, edit the config in its recipe.json and say why in its sittings.)"
+        )
 
 
 class OutOfTime(Exception):
@@ -144,12 +166,20 @@ class OutOfTime(Exception):
 
 
 def run(config: PretrainConfig) -> Path:
-    """Run every stage that has not finished; return the pipeline folder."""
+    """Run every stage that has not finished; return the pipeline folder.
+
+    Raises:
+        InputError: if `config.work_dir` holds a run started with other weight-shaping settings
+            (`config_for` continues one with its own).
+    """
     import torch
 
     torch.set_num_threads(config.threads)
     work = Path(config.work_dir)
     work.mkdir(parents=True, exist_ok=True)
+    recorded = _recorded_settings(work)
+    if recorded is not None:
+        _refuse_changed_settings(work, recorded, asdict(config))
     deadline = time.monotonic() + config.max_minutes * 60 if config.max_minutes else None
     _record_config(work, config)  # before any stage, so a run paused in its first stage resumes as it began
     for stage in (stage_dataset, stage_vae, stage_latents, stage_decoder, stage_denoiser, stage_export):

@@ -184,22 +184,24 @@ def main(argv: list[str] | None = None) -> None:
     from .base import load_base_pipeline
 
     parser = argparse.ArgumentParser(description="Probe-read quality of a toy base model.")
-    parser.add_argument("--model", default=None, help="toy model folder (default: the shipped one)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--model", default=None, help="toy model folder (default: the shipped one)")
     parser.add_argument("--samples", type=int, default=400)
     parser.add_argument("--class-samples", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance-scale", type=float, default=4.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--work-dir", default=None, help="a recipe run in progress: its newest checkpoint's EMA")
-    parser.add_argument("--vae", default=None, help="a VAE folder: report only its ceiling (no denoiser needed)")
+    which.add_argument("--work-dir", default=None, help="a recipe run in progress: its newest checkpoint's EMA")
+    which.add_argument("--vae", default=None, help="a VAE folder: report only its ceiling (no denoiser needed)")
     args = parser.parse_args(argv)
     if args.vae:
         from diffusers import AutoencoderKL
 
         vae = AutoencoderKL.from_pretrained(args.vae).to(args.device).eval()
         ceiling = reconstruction_ceiling(vae, prompt_attributes(args.samples, args.seed), args.seed)
-        print(json.dumps({"ceiling": ceiling, "targets": TARGETS, "settings": {"samples": args.samples}}, indent=1))
+        settings = {"samples": args.samples, "seed": args.seed}
+        print(json.dumps({"ceiling": ceiling, "targets": TARGETS, "settings": settings}, indent=1))
         return
     if args.work_dir:
         from pathlib import Path
