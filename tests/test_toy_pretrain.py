@@ -68,7 +68,7 @@ def test_a_started_run_continues_with_the_settings_it_began_with(tmp_path):
     from db_adapters.errors import InputError
 
     started = pretrain.config_for(tmp_path, architecture="v3", steps=12, rare_from_step=0, max_minutes=1.0)
-    pretrain._record_config(tmp_path, started)
+    pretrain._record(tmp_path, started)
     resumed = pretrain.config_for(tmp_path, max_minutes=30.0, render_workers=2)  # this sitting's settings only
     assert (resumed.architecture, resumed.steps, resumed.rare_from_step) == ("v3", 12, 0)
     assert (resumed.max_minutes, resumed.render_workers, resumed.work_dir) == (30.0, 2, tmp_path)

@@ -107,10 +107,14 @@ def build_tokenizer(folder: Path) -> Any:
     return CLIPTokenizer.from_pretrained(str(folder), model_max_length=MAX_TOKENS)
 
 
+def _vae_settings(architecture: str) -> dict[str, Any]:
+    return {**VAE_DEFAULTS, **ARCHITECTURES[architecture]}
+
+
 def build_vae(architecture: str = "v2") -> Any:
     from diffusers import AutoencoderKL
 
-    settings = {**VAE_DEFAULTS, **ARCHITECTURES[architecture]}
+    settings = _vae_settings(architecture)
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -220,8 +224,7 @@ def architecture_of(unet_channels: int, vae_channels: int | None = None) -> str:
     names = [
         name
         for name, settings in ARCHITECTURES.items()
-        if settings["channels"][0] == unet_channels
-        and vae_channels in (None, {**VAE_DEFAULTS, **settings}["vae_channels"][0])
+        if settings["channels"][0] == unet_channels and vae_channels in (None, _vae_settings(name)["vae_channels"][0])
     ]
     if not names:
         raise ValueError(

@@ -181,28 +181,22 @@ def run(config: PretrainConfig) -> Path:
     if recorded is not None:
         _refuse_changed_settings(work, recorded, asdict(config))
     deadline = time.monotonic() + config.max_minutes * 60 if config.max_minutes else None
-    _record_config(work, config)  # before any stage, so a run paused in its first stage resumes as it began
+    _record(work, config)  # before any stage, so a run paused in its first stage resumes as it began
     for stage in (stage_dataset, stage_vae, stage_latents, stage_decoder, stage_denoiser, stage_export):
         started = time.monotonic()
         seconds = stage(config, work, deadline)  # None when the stage had already finished
         if seconds is not None:
-            _record(work, stage.__name__, seconds or time.monotonic() - started, config)
+            _record(work, config, stage.__name__, seconds or time.monotonic() - started)
     return work / "pipeline"
 
 
-def _record(work: Path, stage: str, seconds: float, config: PretrainConfig) -> None:
-    _update_recipe(work, lambda recipe: recipe["stages"].__setitem__(stage, {"wall_s": round(seconds, 1)}), config)
-
-
-def _record_config(work: Path, config: PretrainConfig) -> None:
-    _update_recipe(work, lambda recipe: None, config)
-
-
-def _update_recipe(work: Path, change: Any, config: PretrainConfig) -> None:
+def _record(work: Path, config: PretrainConfig, stage: str | None = None, seconds: float = 0.0) -> None:
+    """Write the run's settings to recipe.json, and a finished stage's wall time when given."""
     path = work / "recipe.json"
     recipe = json.loads(path.read_text()) if path.exists() else {}
     recipe.setdefault("stages", {})
-    change(recipe)
+    if stage is not None:
+        recipe["stages"][stage] = {"wall_s": round(seconds, 1)}
     recipe["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
     path.write_text(json.dumps(recipe, indent=1, sort_keys=True))
 
