@@ -132,6 +132,9 @@ def test_base_model_quality_report_shape(small_toy_dir):
     assert not any(report["met"]["every_colour_and_pattern"].values())  # 2 samples cannot show 8 colours
     assert set(report["ceiling"]) == set(TARGETS)
     assert 0 <= report["colour_swaps"] <= 1
+    asked_patterns = {a["pattern"] for a in prompt_attributes(4, 0)}
+    assert set(report["colours_by_pattern"]) == set(report["ceiling_colours_by_pattern"]) == asked_patterns
+    assert sum(row["prompts"] for row in report["colours_by_pattern"].values()) == 4
 
 
 def test_colour_swaps_count_only_the_exchange_of_both_colours():
@@ -145,6 +148,34 @@ def test_colour_swaps_count_only_the_exchange_of_both_colours():
         {"color": "red", "second_color": "blue"},  # right
     ]
     assert colour_swap_rate(read, asked) == 0.25
+
+
+def test_colours_by_pattern_split_errors_by_the_prompts_pattern():
+    from db_adapters.toy.quality import colours_by_pattern
+
+    red_blue = {"color": "red", "second_color": "blue"}
+    asked = [red_blue | {"pattern": "checkered"}] * 2 + [red_blue | {"pattern": "dotted"}] * 2
+    read = [
+        {"color": "blue", "second_color": "red"},  # checks swapped: right in either order
+        {"color": "red", "second_color": "blue"},
+        {"color": "red", "second_color": "red"},  # dots drawn in the body's colour: wrong in either order
+        {"color": "red", "second_color": "blue"},
+    ]
+    split = colours_by_pattern(read, asked)
+    assert split["checkered"] == {
+        "prompts": 2,
+        "color": 0.5,
+        "second_color": 0.5,
+        "colour_swaps": 0.5,
+        "either_order": 1.0,
+    }
+    assert split["dotted"] == {
+        "prompts": 2,
+        "color": 1.0,
+        "second_color": 0.5,
+        "colour_swaps": 0.0,
+        "either_order": 0.5,
+    }
 
 
 class RoundTrip(torch.nn.Module):
