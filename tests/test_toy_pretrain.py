@@ -40,13 +40,13 @@ def test_recipe_runs_end_to_end_into_a_loadable_pipeline(tmp_path):
     lines = (tmp_path / "denoiser_loss.csv").read_text().splitlines()
     assert lines[0] == "step,loss,lr,elapsed_s"
     assert_decoder_stage_tuned_the_decoder_alone(tmp_path, pipe.vae.state_dict())
-    assert json.loads((folder / "db_adapters.json").read_text()) == RECOMMENDED_BY_ARCHITECTURE["v2"]
+    assert json.loads((folder / "db_adapters.json").read_text()) == RECOMMENDED_BY_ARCHITECTURE["v3"]
 
 
 def test_the_export_recommends_its_own_architectures_settings(small_toy_dir):
-    # small_toy_dir is a v1 model: it must not inherit v2's 400 steps and text-encoder training.
+    # small_toy_dir is a v1 model: it must not inherit the shipped (v3) model's settings and text-encoder training.
     exported = json.loads((small_toy_dir.parent / "exported_recommendations.json").read_text())
-    assert exported == RECOMMENDED_BY_ARCHITECTURE["v1"] != RECOMMENDED_BY_ARCHITECTURE["v2"]
+    assert exported == RECOMMENDED_BY_ARCHITECTURE["v1"] != RECOMMENDED_BY_ARCHITECTURE["v3"]
 
 
 def assert_decoder_stage_tuned_the_decoder_alone(work, shipped):
@@ -80,7 +80,7 @@ def test_a_started_run_continues_with_the_settings_it_began_with(tmp_path):
 
 
 def test_a_run_recorded_by_an_older_recipe_must_name_what_it_did_not_record(tmp_path):
-    # v1's recipe.json predates `architecture`: taking today's default ("v2") would change the run.
+    # v1's recipe.json predates `architecture`: taking today's default ("v3") would change the run.
     from db_adapters.errors import InputError
 
     (tmp_path / "recipe.json").write_text(json.dumps({"config": {"steps": 8000, "seed": 0}}))

@@ -59,6 +59,17 @@ def test_the_pick_is_the_cheapest_combination_that_passes_on_every_easy_subject(
     assert "Pick: lora-s300-lr0.001-r4." in sweep.report(args)
 
 
+def test_among_equally_cheap_passes_the_pick_clears_the_bar_by_the_most(tmp_path):
+    sweep = load_script()
+    args = full_args(sweep, tmp_path)
+    for rate, identity, fidelity in (("5e-5", 0.85, 0.99), ("7e-5", 0.92, 0.84), ("1e-4", 0.99, 0.81)):
+        plans = sweep.plans(sweep.parse_args(["--strategy", "full", "--steps", "400", "--learning-rates", rate]))
+        fake(sweep, tmp_path, plans, identity=identity, fidelity=fidelity, pres=0.0)
+    # Slack over the bar: 5e-5 0.05 (identity and PRES), 7e-5 0.04 (fidelity), 1e-4 0.01 (fidelity).
+    assert "Pick: full-s400-lr5e-05." in sweep.report(args)
+    assert sweep.margin({"identity": 0.85, "fidelity": 0.99, "pres": 0.01}) == pytest.approx(0.04)
+
+
 def test_without_a_pass_the_report_names_the_nearest_complete_combination(tmp_path):
     sweep = load_script()
     args = sweep.parse_args(["--results-dir", str(tmp_path), "--report"])

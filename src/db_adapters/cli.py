@@ -409,7 +409,7 @@ def load_toy_base(device: str | None, folder: str | None = None, dtype: str = "f
 @click.option("--subject", default="star_box", show_default=True, help="A toy subject (db_adapters.toy.SUBJECTS).")
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--model", default=None, help="A toy model folder (default: the shipped toy base model).")
-@click.option("--steps", type=int, default=None, help="Personalization steps (default: 500, db_adapters.toy.demo).")
+@click.option("--steps", type=int, default=None, help="Personalization steps (default: the model's recommended steps).")
 @click.option("--device", default=None, help="Default cpu.")
 @friendly_errors
 def demo(subject: str, out: str, model: str | None, steps: int | None, device: str | None) -> None:

@@ -63,10 +63,11 @@ class Protocol:
     rare_letters: str = "sks"  # the community's pick: split into letters by the toy tokenizer
     # The "full" setting's learning rate; None: the model folder's recommendation for `full`, as LoRA
     # uses its recommendation. v1 recommended one rate for every strategy, so its protocol fixed this
-    # one; v2 recommends a rate per strategy, and `protocol_for` gives v2 None.
+    # one; v2 and v3 recommend a rate per strategy, and `protocol_for` gives them None.
     full_learning_rate: float | None = 1e-4
     # The base model the numbers belong to (`base.architecture_name` of its folder): "v1", the first
-    # 1.7M-parameter UNet, or "v2", the retrained one. `protocol_for` reads it off a model folder.
+    # 1.7M-parameter UNet, "v2", the retrained one, or "v3", v2 on a wider VAE. `protocol_for` reads it
+    # off a model folder.
     base_model: str = "v1"
 
     def digest(self) -> str:
@@ -81,8 +82,8 @@ def protocol_for(model: str | Path | None = None) -> Protocol:
     """The frozen protocol for the toy model in `model` (default: the shipped one).
 
     Example:
-        >>> protocol_for().base_model in ("v1", "v2")
-        True
+        >>> protocol_for().base_model  # the shipped model's architecture
+        'v3'
     """
     from .base import architecture_name
 
@@ -94,7 +95,8 @@ PROTOCOL = protocol_for()
 
 # Each setting changes one thing from "lora" (the default: LoRA rank 4, prior preservation, the
 # binder's identifier, and the toy model's recommended steps, learning rate and text-encoder training:
-# v1 300 steps at 1e-3, UNet only; v2 400 steps at 1e-3 with the text encoder). The class-noun ablation
+# v1 300 steps at 1e-3, UNet only; v2 400 steps at 1e-3 with the text encoder; v3 300 steps at 1e-3 with
+# the text encoder, and `full` 400 steps at 1e-4). The class-noun ablation
 # runs without prior preservation, as "a [V]" alone has no class prompt to preserve: it is read against
 # "lora-noppl". The adapter kinds (the last four) change the strategy, sized to LoRA rank 4's trainable
 # parameters on the toy UNet (`benchmarks/adapter_params.py` counts them); like every setting but

@@ -20,11 +20,6 @@ if TYPE_CHECKING:
     from PIL import Image
 
 SAMPLES_PER_ROW = 5
-# The demo trains longer than the model's general recommendation (400 steps, chosen on all four easy
-# subjects): star_box's star, its smallest detail, needs it. Measured on the shipped model, the probe
-# read the star in 1 of 5 "a [V] box" samples at 400 steps and 3 of 5 at 500 (the sweep, 16 samples:
-# 0.56 and 0.94), at some cost in new scenes.
-DEMO_STEPS = 500
 SHEET_SCALE = 4  # 32 px images are drawn 4x larger (nearest neighbour) so a person can see them
 LABEL_WIDTH = 260
 
@@ -96,8 +91,8 @@ def run_demo(
         out (`str | Path`): folder for the sheet, the adapter and the run's files.
         pipe (`StableDiffusionPipeline | None`): default the shipped toy base model.
         sample_steps (`int`): sampler steps per image.
-        **personalize_options: passed to `personalize` (e.g. `steps=100`). `steps` defaults to `DEMO_STEPS`
-            for any model, in place of the model folder's recommendation; the rest come from the folder.
+        **personalize_options: passed to `personalize` (e.g. `steps=100`); what they leave out comes
+            from the model folder's recommendation, as for any personalization.
 
     Example:
         >>> from db_adapters.toy.demo import run_demo
@@ -121,8 +116,7 @@ def run_demo(
     class_before = samples(pipe, subject_caption(chosen), SAMPLES_PER_ROW, sample_steps)
 
     trained_at = time.perf_counter()
-    options = {"steps": DEMO_STEPS} | personalize_options
-    adapter = personalize(pipe, references, cls, output_dir=out / "run", **options)
+    adapter = personalize(pipe, references, cls, output_dir=out / "run", **personalize_options)
     personalize_s = time.perf_counter() - trained_at
     adapter_path = adapter.save(out / f"{subject}.safetensors")
 

@@ -17,10 +17,10 @@ Stages, each skipped when its output exists, each checkpointing so an interrupte
 6. `export`   assemble the EMA weights into a `StableDiffusionPipeline` folder `work_dir/pipeline`.
 Losses go to `work_dir/*_loss.csv`; the settings and wall time of every stage to `work_dir/recipe.json`.
 
-The defaults are the shipped (v2) model's recipe. The first model (v1) was `architecture="v1",
+The defaults are the shipped (v3) model's recipe. The first model (v1) was `architecture="v1",
 caption_omission=0.5, class_only_captions=0.0, snr_gamma=None, steps=8000, export_unet_dtype="float32",
-decoder_steps=0, rare_share=0.0`. The next (v3, in training: a wider VAE) is `architecture="v3",
-vae_steps=3000, decoder_steps=2000, rare_from_step=0, steps=12000`.
+decoder_steps=0, rare_share=0.0`. The second (v2: v3's denoiser on a smaller VAE) was `architecture="v2",
+vae_steps=1200, decoder_steps=4000, rare_from_step=7396, steps=10000`.
 """
 
 from __future__ import annotations
@@ -54,18 +54,18 @@ class PretrainConfig:
     """Settings of the recipe; the defaults produced the shipped weights."""
 
     work_dir: Path
-    architecture: str = "v2"  # a key of base.ARCHITECTURES
+    architecture: str = "v3"  # a key of base.ARCHITECTURES
     seed: int = 0
     num_images: int = 40_000
-    vae_steps: int = 1_200
+    vae_steps: int = 3_000
     vae_batch_size: int = 32
     vae_learning_rate: float = 1e-3
     vae_kl_weight: float = 1e-6
-    # The VAE stage's 1,200 steps leave a decoder that loses the small details: read back by the probe,
-    # its reconstructions of the quality prompts' renders kept the second colour in 0.44 of them.
-    decoder_steps: int = 4_000
+    # The VAE stage alone leaves a decoder that loses the small details (v2's, after 1,200 steps: read back
+    # by the probe, its reconstructions of the quality prompts' renders kept the second colour in 0.44).
+    decoder_steps: int = 2_000
     decoder_learning_rate: float = 1e-3
-    steps: int = 10_000  # planned as 12,000; cut to 10,000 at step 7,750 to finish in one CPU sitting
+    steps: int = 12_000
     batch_size: int = 64
     learning_rate: float = 5e-4
     warmup_steps: int = 300
@@ -78,7 +78,7 @@ class PretrainConfig:
     # colour or a mark, captioned with both: otherwise a named second colour is in ~1.5% of captions.
     # Captions that leave them out ("a box", "") still come from the uniform part, so the prior holds.
     rare_share: float = 0.5
-    rare_from_step: int = 7_396
+    rare_from_step: int = 0  # v2 began it at 7,396, when its loss had flattened
     snr_gamma: float | None = 5.0  # min-SNR loss weighting (Hang et al. 2023); None: plain MSE
     # The UNet's weights are written in this dtype (the package's size limit); loading upcasts to float32.
     export_unet_dtype: str = "float16"
