@@ -11,10 +11,9 @@ text encoder trains (`--train-text-encoder`; without it, it does not, whatever t
 combination means the same on every model). A combination passes when its mean identity >= 0.8, fidelity
 >= 0.8 and PRES <= 0.05 (issue 14); the table marks those and names the cheapest passing one (fewest steps,
 then lowest rank, then the widest margin over the bar) as the pick, or, when none passes, the nearest (the
-smallest largest shortfall). Each
-strategy's table goes to `--results-dir/toy_sweep_{strategy}.md`. Runs are cached like the benchmark's
-(`--results-dir/runs/<setting>/<subject>.json`, keyed by the protocol digest), so an interrupted sweep
-continues.
+smallest largest shortfall). Each strategy's table goes to `--results-dir/toy_sweep_{strategy}.md`. Runs
+are cached like the benchmark's (`--results-dir/runs/<setting>/<subject>.json`, keyed by the protocol
+digest), so an interrupted sweep continues.
 """
 
 from __future__ import annotations

@@ -64,6 +64,18 @@ def assert_decoder_stage_tuned_the_decoder_alone(work, shipped):
     assert all(torch.equal(shipped[k], after[k]) for k in tuned)  # the pipeline ships the tuned decoder
 
 
+def test_the_defaults_are_the_shipped_models_recorded_recipe():
+    # "The defaults produced the shipped weights": v3's run recorded every weight-shaping setting.
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[1] / "toy_training" / "toy-base-v3" / "recipe.json"
+    recorded = json.loads(recipe.read_text())["config"]
+    defaults = pretrain.PretrainConfig(work_dir=Path("."))
+    assert {name: getattr(defaults, name) for name in pretrain._WEIGHT_SETTINGS} == {
+        name: recorded[name] for name in pretrain._WEIGHT_SETTINGS
+    }
+
+
 def test_a_started_run_continues_with_the_settings_it_began_with(tmp_path):
     from db_adapters.errors import InputError
 
