@@ -71,9 +71,8 @@ def test_the_defaults_are_the_shipped_models_recorded_recipe():
     recipe = Path(__file__).resolve().parents[1] / "toy_training" / "toy-base-v3" / "recipe.json"
     recorded = json.loads(recipe.read_text())["config"]
     defaults = pretrain.PretrainConfig(work_dir=Path("."))
-    assert {name: getattr(defaults, name) for name in pretrain._WEIGHT_SETTINGS} == {
-        name: recorded[name] for name in pretrain._WEIGHT_SETTINGS
-    }
+    as_recorded = json.loads(json.dumps({name: getattr(defaults, name) for name in pretrain._WEIGHT_SETTINGS}))
+    assert as_recorded == {name: recorded[name] for name in pretrain._WEIGHT_SETTINGS}
 
 
 def test_a_started_run_continues_with_the_settings_it_began_with(tmp_path):
@@ -165,6 +164,64 @@ def test_paused_run_resumes_bit_exactly(tmp_path, monkeypatch):
         ("denoiser", 0, 3),
         ("denoiser", 3, 6),
     ]
+
+
+def test_a_restart_is_a_new_warmed_up_cosine_cycle_after_the_first():
+    schedule = {"steps": 100, "learning_rate": 1e-3, "warmup_steps": 10}
+    first = pretrain.PretrainConfig(work_dir=".", **schedule)
+    grown = pretrain.PretrainConfig(work_dir=".", **schedule, restarts=[[50, "2e-4"]])  # as recipe.json holds it
+    assert grown.restarts == ((50, 2e-4),) and grown.denoiser_steps == 150
+    assert [pretrain._denoiser_lr(step, grown) for step in range(100)] == [
+        pretrain._denoiser_lr(step, first) for step in range(100)
+    ]  # the first cycle is the run it grew from
+    assert pretrain._denoiser_lr(99, grown) < 1e-6
+    assert pretrain._denoiser_lr(100, grown) == pytest.approx(2e-4 / 10)  # warming up again
+    assert pretrain._denoiser_lr(109, grown) == pytest.approx(2e-4)
+    assert pretrain._denoiser_lr(149, grown) < 1e-6
+
+
+def test_a_branched_run_ends_as_the_straight_run_with_its_restarts(tmp_path):
+    from db_adapters.errors import InputError
+
+    restart = {"restarts": ((3, 1e-3),)}
+    pretrain.run(config(tmp_path / "straight", **restart))  # 6 + 3 denoiser steps in one run
+    pretrain.run(config(tmp_path / "finished"))  # 6 steps; then 3 more in a branch of it
+    source_recipe = (tmp_path / "finished" / "recipe.json").read_text()
+    pretrain.branch_run(tmp_path / "finished", tmp_path / "branch", [(3, 1e-3)])
+    with pytest.raises(InputError, match="not empty"):
+        pretrain.branch_run(tmp_path / "finished", tmp_path / "branch", [(3, 1e-3)])
+    branch = pretrain.config_for(tmp_path / "branch", checkpoint_every=3, log_every=1, threads=1)
+    assert branch.restarts == ((3, 1e-3),) and branch.denoiser_steps == 9
+    pretrain.run(branch)
+
+    from diffusers import UNet2DConditionModel
+
+    straight = UNet2DConditionModel.from_pretrained(tmp_path / "straight" / "unet").state_dict()
+    branched = UNet2DConditionModel.from_pretrained(tmp_path / "branch" / "unet").state_dict()
+    assert all(torch.equal(straight[k], branched[k]) for k in straight)
+    finished = UNet2DConditionModel.from_pretrained(tmp_path / "finished" / "unet").state_dict()
+    assert not all(torch.equal(finished[k], branched[k]) for k in finished)
+    recipe = json.loads((tmp_path / "branch" / "recipe.json").read_text())
+    assert recipe["branched_from"]["step"] == 6
+    assert [(s["stage"], s["from_step"], s["to_step"]) for s in recipe["sittings"]][-2:] == [
+        ("denoiser", 0, 6),
+        ("denoiser", 6, 9),
+    ]
+    assert (tmp_path / "finished" / "recipe.json").read_text() == source_recipe  # the source is not touched
+    assert (tmp_path / "branch" / "pipeline" / "model_index.json").exists()
+
+
+def test_a_branch_needs_a_checkpointed_source_and_cycles(tmp_path):
+    from db_adapters.errors import InputError
+
+    with pytest.raises(InputError, match="not a run with a denoiser checkpoint"):
+        pretrain.branch_run(tmp_path / "nothing", tmp_path / "branch", [(3, 1e-3)])
+    (tmp_path / "run" / "denoiser_checkpoints").mkdir(parents=True)
+    pretrain._record(tmp_path / "run", config(tmp_path / "run"))
+    pretrain.save_checkpoint(tmp_path / "run" / "denoiser_checkpoints" / "denoiser-0000006", {}, {"step": 6})
+    with pytest.raises(InputError, match="--restarts STEPS:PEAK"):
+        pretrain.branch_run(tmp_path / "run", tmp_path / "branch", [])
+    assert not (tmp_path / "branch").exists()
 
 
 def test_rare_stream_draws_images_with_a_second_colour_or_mark_and_names_both():

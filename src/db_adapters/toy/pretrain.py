@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -83,6 +85,11 @@ class PretrainConfig:
     # The UNet's weights are written in this dtype (the package's size limit); loading upcasts to float32.
     export_unet_dtype: str = "float16"
     ema_decay: float = 0.999
+    # Further cosine cycles of the denoiser after `steps` (warm restarts, Loshchilov & Hutter 2017), each
+    # (steps, peak learning rate) with `warmup_steps` of warmup: a finished run's schedule has reached
+    # zero, so more steps teach it nothing until the rate rises again. `branch_run` grows one onto a
+    # finished run, so the new run keeps the history it grew from.
+    restarts: tuple[tuple[int, float], ...] = ()
     checkpoint_every: int = 250
     log_every: int = 25
     keep_checkpoints: int = 2
@@ -92,6 +99,15 @@ class PretrainConfig:
     # captions) stay on the CPU generators, so a run continued on a GPU sees the same draws.
     device: str = "cpu"
     render_workers: int = 1  # processes that render the dataset (renders are per-seed deterministic)
+
+    def __post_init__(self) -> None:
+        # recipe.json and the command line give lists and strings; one form, so settings compare equal.
+        self.restarts = tuple((int(steps), float(peak)) for steps, peak in self.restarts)
+
+    @property
+    def denoiser_steps(self) -> int:
+        """The denoiser's steps in all: `steps`, then each restart's."""
+        return self.steps + sum(steps for steps, _ in self.restarts)
 
 
 # Settings that may change between the sittings of one run: where and how long it computes, and how
@@ -151,7 +167,7 @@ def _refuse_changed_settings(work: Path, recorded: dict[str, Any], settings: dic
     changed = [
         f"{name}={value!r} (the run has {recorded[name]!r})"
         for name, value in settings.items()
-        if name in _WEIGHT_SETTINGS and name in recorded and recorded[name] != value
+        if name in _WEIGHT_SETTINGS and name in recorded and not _same_setting(recorded[name], value)
     ]
     if changed:
         raise InputError(
@@ -159,6 +175,78 @@ def _refuse_changed_settings(work: Path, recorded: dict[str, Any], settings: dic
             "as it began, or give a new --work-dir to start another run. (To change a run on purpose, as v2's "
             "steps were cut from 12,000 to 10,000, edit the config in its recipe.json and say why in its sittings.)"
         )
+
+
+def _same_setting(recorded: Any, given: Any) -> bool:
+    # recipe.json holds lists where the config holds tuples (restarts); compare them as JSON writes them.
+    return json.dumps(recorded) == json.dumps(given)
+
+
+def branch_run(source: str | Path, target: str | Path, restarts: list[tuple[int, float]]) -> PretrainConfig:
+    """Start `target` as `source` grown by more denoiser cycles: its stages, last checkpoint and history.
+
+    The dataset, VAEs, latents and tokenizer are linked (copied where links are refused), with the newest
+    denoiser checkpoint, the loss logs and recipe.json, whose config gains `restarts`. Running `target`
+    then continues the denoiser from that checkpoint on the restarts' schedule; `source` is not touched.
+
+    Args:
+        source (`str | Path`): a run's work dir with a denoiser checkpoint (finished or not).
+        target (`str | Path`): a new, empty or absent work dir.
+        restarts (`list[tuple[int, float]]`): the cycles to add, each (steps, peak learning rate),
+            after the ones `source` already has.
+
+    Returns:
+        The config `target` runs with (this sitting's settings are the defaults; `config_for` gives others).
+
+    Raises:
+        InputError: if `target` is not empty, `source` has no recipe.json or denoiser checkpoint, or
+            `restarts` is empty.
+
+    Example:
+        >>> branch_run("toy_training/toy-base-v3", "toy_training/toy-base-v4", [(3000, 2e-4)])  # doctest: +SKIP
+    """
+    source, target = Path(source), Path(target)
+    recorded = _recorded_settings(source)
+    checkpoint = latest_checkpoint(source / "denoiser_checkpoints", "denoiser")
+    if recorded is None or checkpoint is None:
+        raise InputError(f"{source} is not a run with a denoiser checkpoint: give a recipe's work dir to branch from.")
+    missing = sorted(_WEIGHT_SETTINGS - recorded.keys() - {"restarts"})
+    if missing:
+        raise InputError(f"{source / 'recipe.json'} does not record {', '.join(missing)}: add them as the run began.")
+    if target.exists() and any(target.iterdir()):
+        raise InputError(f"{target} is not empty: give a new --work-dir to branch into.")
+    if not restarts:
+        raise InputError("a branch needs --restarts STEPS:PEAK (the denoiser cycles to add).")
+    (target / "denoiser_checkpoints").mkdir(parents=True, exist_ok=True)
+    for name in ("dataset.safetensors", "latents.safetensors", "vae", "vae_ft", "tokenizer"):
+        if (source / name).exists():
+            _link_tree(source / name, target / name)
+    for path in (*source.glob("*_loss.csv"), checkpoint.with_suffix(".safetensors"), checkpoint.with_suffix(".json")):
+        shutil.copy2(path, target / path.relative_to(source))
+    recipe = json.loads((source / "recipe.json").read_text())
+    step = json.loads(checkpoint.with_suffix(".json").read_text())["step"]
+    recipe["branched_from"] = {"work_dir": str(source), "step": step}
+    for unfinished in ("stage_denoiser", "stage_export"):  # their wall times are recorded again when they end
+        recipe.get("stages", {}).pop(unfinished, None)
+    config = PretrainConfig(**{**recorded, "work_dir": target})
+    config.restarts = (*config.restarts, *PretrainConfig(target, restarts=tuple(restarts)).restarts)
+    recipe["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
+    (target / "recipe.json").write_text(json.dumps(recipe, indent=1, sort_keys=True))
+    return config
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    # Hard links: the dataset and latents are 0.4 GB, and a branch never writes to them.
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    if source.is_dir():
+        shutil.copytree(source, target, copy_function=link)
+    else:
+        link(str(source), str(target))
 
 
 class OutOfTime(Exception):
@@ -304,6 +392,16 @@ class Loop:
 
 def _rng_tensors(generator: Any) -> dict[str, Any]:
     return {"rng.torch": generator.get_state()}
+
+
+def _denoiser_lr(step: int, config: PretrainConfig) -> float:
+    """The denoiser's learning rate: one cosine cycle over `steps`, then one per restart."""
+    start, cycles = 0, [(config.steps, config.learning_rate), *config.restarts]
+    for steps, peak in cycles:
+        if step < start + steps:
+            return _cosine_lr(step - start, steps, config.warmup_steps, peak)
+        start += steps
+    return 0.0
 
 
 def _cosine_lr(step: int, total: int, warmup: int, peak: float) -> float:
@@ -495,8 +593,8 @@ def stage_denoiser(config: PretrainConfig, work: Path, deadline: float | None) -
         captions.setstate(_as_random_state(info["caption_rng"]))
     unet.train()
     text_encoder.train()
-    while loop.step < config.steps:
-        lr = _cosine_lr(loop.step, config.steps, config.warmup_steps, config.learning_rate)
+    while loop.step < config.denoiser_steps:
+        lr = _denoiser_lr(loop.step, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
         index, texts = _denoiser_batch(codes, rare, loop.step, config, generator, captions)
@@ -511,7 +609,7 @@ def stage_denoiser(config: PretrainConfig, work: Path, deadline: float | None) -
         loop.step += 1
         if loop.step % config.log_every == 0:
             loop.write_log(loss.item(), lr)
-        if loop.step % config.checkpoint_every == 0 or loop.step == config.steps or loop.out_of_time():
+        if loop.step % config.checkpoint_every == 0 or loop.step == config.denoiser_steps or loop.out_of_time():
             tensors, plain = optimizer_state(optimizer)
             state = {f"unet.{k}": v for k, v in unet.state_dict().items()}
             state |= {f"text_encoder.{k}": v for k, v in text_encoder.state_dict().items()}
@@ -519,7 +617,7 @@ def stage_denoiser(config: PretrainConfig, work: Path, deadline: float | None) -
             shadow = {f"ema.{i:05d}": p for i, p in enumerate(ema_state.pop("shadow_params"))}
             info = {"optimizer": plain, "ema": ema_state, "caption_rng": captions.getstate()}
             loop.checkpoint({**state, **tensors, **shadow, **_rng_tensors(generator)}, info)
-            if loop.out_of_time() and loop.step < config.steps:
+            if loop.out_of_time() and loop.step < config.denoiser_steps:
                 loop.record_sitting(config.device)
                 raise OutOfTime(f"denoiser stopped at step {loop.step}; rerun to continue")
     loop.record_sitting(config.device)
