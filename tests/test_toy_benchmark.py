@@ -123,11 +123,23 @@ def test_protocol_digest_changes_with_the_protocol():
 
 
 def test_the_protocol_names_the_base_model_read_off_its_folder(small_toy_dir, tmp_path):
-    from db_adapters.toy.base import architecture_name
+    import shutil
 
-    assert protocol_for(small_toy_dir).base_model == architecture_name(small_toy_dir) == "v1"
-    assert protocol_for(small_toy_dir).digest() == "6adb720d2257"  # any v1 folder reads v1's cached runs
-    assert PROTOCOL.base_model == architecture_name()  # the shipped model's
+    from db_adapters.toy.base import architecture_name, base_dir, weights_digest
+
+    # The shipped model's runs (benchmarks/results/quality_toy_v3) were cached under this digest.
+    assert (PROTOCOL.base_model, PROTOCOL.digest()) == ("v3", "3eabadcbbe4f")
+    copy = shutil.copytree(base_dir(), tmp_path / "copy")
+    assert protocol_for(copy).digest() == PROTOCOL.digest()  # the same weights, wherever they are
+    retrained = shutil.copytree(base_dir(), tmp_path / "retrained")
+    unet = retrained / "unet" / "diffusion_pytorch_model.safetensors"
+    unet.write_bytes(unet.read_bytes()[:-1] + b"\x00")  # other weights, the same architecture
+    assert protocol_for(retrained).base_model == f"v3-{weights_digest(retrained)[:8]}"
+    assert protocol_for(retrained).digest() != PROTOCOL.digest()  # they never read v3's cached runs
+    # A v1-architecture model trained by the recipe keeps v1's protocol settings, under its own name.
+    assert architecture_name(small_toy_dir) == "v1" and protocol_for(small_toy_dir).full_learning_rate == 1e-4
+    assert protocol_for(small_toy_dir).base_model.startswith("v1-")
+    assert protocol_for(small_toy_dir).digest() != "6adb720d2257"
     with pytest.raises(FileNotFoundError, match="not a toy base pipeline folder.*WORK_DIR/pipeline"):
         protocol_for(tmp_path)
 

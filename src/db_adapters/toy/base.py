@@ -219,6 +219,46 @@ def architecture_name(folder: str | Path | None = None) -> str:
     return architecture_of(unet_channels, vae_channels)
 
 
+# `weights_digest` of each toy model the package has shipped, and the name its benchmark numbers go under.
+RELEASED = {"973466ff32dad6d8": "v1", "cfe3b12e1867108d": "v2", "884fbbc7af7b7d39": "v3"}
+
+
+def weights_digest(folder: str | Path | None = None) -> str:
+    """A digest of a toy model folder's weight files (16 hex digits): folders with equal weights, equal digests.
+
+    Args:
+        folder (`str | Path | None`): a toy model folder; default the shipped one.
+
+    Example:
+        >>> RELEASED[weights_digest()]  # the shipped model
+        'v3'
+    """
+    import hashlib
+
+    path = Path(folder) if folder is not None else base_dir()
+    digest = hashlib.sha256()
+    for file in sorted(path.glob("*/*.safetensors")):
+        digest.update(file.relative_to(path).as_posix().encode())
+        digest.update(hashlib.sha256(file.read_bytes()).digest())
+    return digest.hexdigest()[:16]
+
+
+def model_name(folder: str | Path | None = None) -> str:
+    """The name a toy model's benchmark numbers go under: a shipped model's ("v3"), else architecture and digest.
+
+    Cached benchmark runs are keyed by this name, so a model trained again with a shipped one's
+    architecture ("v3-1a2b3c4d") never reads that model's runs as its own.
+
+    Args:
+        folder (`str | Path | None`): a toy model folder; default the shipped one.
+
+    Example:
+        >>> model_name()
+        'v3'
+    """
+    return RELEASED.get(weights_digest(folder)) or f"{architecture_name(folder)}-{weights_digest(folder)[:8]}"
+
+
 def architecture_of(unet_channels: int, vae_channels: int | None = None) -> str:
     """The architecture whose UNet's (and VAE's, when given) first level has these many channels.
 

@@ -65,9 +65,9 @@ class Protocol:
     # uses its recommendation. v1 recommended one rate for every strategy, so its protocol fixed this
     # one; v2 and v3 recommend a rate per strategy, and `protocol_for` gives them None.
     full_learning_rate: float | None = 1e-4
-    # The base model the numbers belong to (`base.architecture_name` of its folder): "v1", the first
-    # 1.7M-parameter UNet, "v2", the retrained one, or "v3", v2 on a wider VAE. `protocol_for` reads it
-    # off a model folder.
+    # The base model the numbers belong to (`base.model_name` of its folder): a shipped model's name, "v1"
+    # (the first 1.7M-parameter UNet), "v2" (the retrained one) or "v3" (v2 on a wider VAE), or for other
+    # weights their architecture and digest ("v3-1a2b3c4d"). `protocol_for` reads it off a model folder.
     base_model: str = "v1"
 
     def digest(self) -> str:
@@ -82,13 +82,15 @@ def protocol_for(model: str | Path | None = None) -> Protocol:
     """The frozen protocol for the toy model in `model` (default: the shipped one).
 
     Example:
-        >>> protocol_for().base_model  # the shipped model's architecture
+        >>> protocol_for().base_model  # the shipped model's name
         'v3'
     """
-    from .base import architecture_name
+    from .base import architecture_name, model_name
 
-    name = architecture_name(model)
-    return Protocol(base_model=name) if name == "v1" else Protocol(base_model=name, full_learning_rate=None)
+    name = model_name(model)
+    if architecture_name(model) == "v1":
+        return Protocol(base_model=name)
+    return Protocol(base_model=name, full_learning_rate=None)
 
 
 PROTOCOL = protocol_for()
