@@ -148,7 +148,7 @@ def small_toy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # v1's smaller architecture: the same classes and code path, quicker for the many tests that use it
     # (test_toy_pretrain runs the shipped v2 recipe end to end).
     small = {"num_images": 48, "vae_steps": 2, "vae_batch_size": 4, "decoder_steps": 2, "steps": 2, "batch_size": 4}
-    small["architecture"] = "v1"
+    small["architecture"], small["restarts"] = "v1", ()
     folder = run(PretrainConfig(work_dir=work, threads=1, warmup_steps=1, **small))
     # What the export recommended (v1's settings), kept for test_toy_pretrain; then what a model trained
     # this briefly can usefully recommend: few steps, few class images.

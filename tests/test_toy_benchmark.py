@@ -127,15 +127,17 @@ def test_the_protocol_names_the_base_model_read_off_its_folder(small_toy_dir, tm
 
     from db_adapters.toy.base import architecture_name, base_dir, weights_digest
 
-    # The shipped model's runs (benchmarks/results/quality_toy_v3) were cached under this digest.
-    assert (PROTOCOL.base_model, PROTOCOL.digest()) == ("v3", "3eabadcbbe4f")
+    # The shipped model's runs (benchmarks/results/quality_toy_v4) were cached under this digest, and
+    # v3's (quality_toy_v3) under the other.
+    assert (PROTOCOL.base_model, PROTOCOL.digest()) == ("v4", "70201abf581b")
+    assert dataclasses.replace(PROTOCOL, base_model="v3").digest() == "3eabadcbbe4f"
     copy = shutil.copytree(base_dir(), tmp_path / "copy")
     assert protocol_for(copy).digest() == PROTOCOL.digest()  # the same weights, wherever they are
     retrained = shutil.copytree(base_dir(), tmp_path / "retrained")
     unet = retrained / "unet" / "diffusion_pytorch_model.safetensors"
     unet.write_bytes(unet.read_bytes()[:-1] + b"\x00")  # other weights, the same architecture
     assert protocol_for(retrained).base_model == f"v3-{weights_digest(retrained)[:8]}"
-    assert protocol_for(retrained).digest() != PROTOCOL.digest()  # they never read v3's cached runs
+    assert protocol_for(retrained).digest() != PROTOCOL.digest()  # they never read v4's cached runs
     # A v1-architecture model trained by the recipe keeps v1's protocol settings, under its own name.
     assert architecture_name(small_toy_dir) == "v1" and protocol_for(small_toy_dir).full_learning_rate == 1e-4
     assert protocol_for(small_toy_dir).base_model.startswith("v1-")

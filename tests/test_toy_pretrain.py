@@ -20,6 +20,7 @@ SMALL = {
     "batch_size": 4,
     "warmup_steps": 2,
     "rare_from_step": 2,  # the rare stream joins mid-run, so resuming across the switch is tested
+    "restarts": (),
 }
 
 
@@ -65,10 +66,10 @@ def assert_decoder_stage_tuned_the_decoder_alone(work, shipped):
 
 
 def test_the_defaults_are_the_shipped_models_recorded_recipe():
-    # "The defaults produced the shipped weights": v3's run recorded every weight-shaping setting.
+    # "The defaults produced the shipped weights": v4's run recorded every weight-shaping setting.
     from pathlib import Path
 
-    recipe = Path(__file__).resolve().parents[1] / "toy_training" / "toy-base-v3" / "recipe.json"
+    recipe = Path(__file__).resolve().parents[1] / "toy_training" / "toy-base-v4" / "recipe.json"
     recorded = json.loads(recipe.read_text())["config"]
     defaults = pretrain.PretrainConfig(work_dir=Path("."))
     as_recorded = json.loads(json.dumps({name: getattr(defaults, name) for name in pretrain._WEIGHT_SETTINGS}))
@@ -168,7 +169,7 @@ def test_paused_run_resumes_bit_exactly(tmp_path, monkeypatch):
 
 def test_a_restart_is_a_new_warmed_up_cosine_cycle_after_the_first():
     schedule = {"steps": 100, "learning_rate": 1e-3, "warmup_steps": 10}
-    first = pretrain.PretrainConfig(work_dir=".", **schedule)
+    first = pretrain.PretrainConfig(work_dir=".", **schedule, restarts=())
     grown = pretrain.PretrainConfig(work_dir=".", **schedule, restarts=[[50, "2e-4"]])  # as recipe.json holds it
     assert grown.restarts == ((50, 2e-4),) and grown.denoiser_steps == 150
     assert [pretrain._denoiser_lr(step, grown) for step in range(100)] == [

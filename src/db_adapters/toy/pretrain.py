@@ -17,7 +17,9 @@ Stages, each skipped when its output exists, each checkpointing so an interrupte
 6. `export`   assemble the EMA weights into a `StableDiffusionPipeline` folder `work_dir/pipeline`.
 Losses go to `work_dir/*_loss.csv`; the settings and wall time of every stage to `work_dir/recipe.json`.
 
-The defaults are the shipped (v3) model's recipe. The first model (v1) was `architecture="v1",
+The defaults are the shipped (v4) model's recipe. v4 is v3's run (steps 0-12,000) grown by one more cosine
+cycle of 3,000 steps at a peak rate of 2e-4 (`restarts`), made with `branch_run` from v3's last checkpoint;
+v3 was the same recipe without it. The first model (v1) was `architecture="v1",
 caption_omission=0.5, class_only_captions=0.0, snr_gamma=None, steps=8000, export_unet_dtype="float32",
 decoder_steps=0, rare_share=0.0`. The second (v2: v3's denoiser on a smaller VAE) was `architecture="v2",
 vae_steps=1200, decoder_steps=4000, rare_from_step=7396, steps=10000`.
@@ -89,7 +91,7 @@ class PretrainConfig:
     # (steps, peak learning rate) with `warmup_steps` of warmup: a finished run's schedule has reached
     # zero, so more steps teach it nothing until the rate rises again. `branch_run` grows one onto a
     # finished run, so the new run keeps the history it grew from.
-    restarts: tuple[tuple[int, float], ...] = ()
+    restarts: tuple[tuple[int, float], ...] = ((3_000, 2e-4),)
     checkpoint_every: int = 250
     log_every: int = 25
     keep_checkpoints: int = 2
