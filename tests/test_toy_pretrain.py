@@ -184,9 +184,13 @@ def test_a_restart_is_a_new_warmed_up_cosine_cycle_after_the_first():
 def test_a_branched_run_ends_as_the_straight_run_with_its_restarts(tmp_path):
     from db_adapters.errors import InputError
 
-    restart = {"restarts": ((3, 1e-3),)}
-    pretrain.run(config(tmp_path / "straight", **restart))  # 6 + 3 denoiser steps in one run
     pretrain.run(config(tmp_path / "finished"))  # 6 steps; then 3 more in a branch of it
+    # 6 + 3 denoiser steps in one run, on the finished run's copied data and VAEs (the stages skip them).
+    (tmp_path / "straight").mkdir()
+    for stage_output in ("dataset.safetensors", "latents.safetensors", "vae", "vae_ft", "tokenizer"):
+        copy = shutil.copytree if (tmp_path / "finished" / stage_output).is_dir() else shutil.copy2
+        copy(tmp_path / "finished" / stage_output, tmp_path / "straight" / stage_output)
+    pretrain.run(config(tmp_path / "straight", restarts=((3, 1e-3),)))
     source_recipe = (tmp_path / "finished" / "recipe.json").read_text()
     pretrain.branch_run(tmp_path / "finished", tmp_path / "branch", [(3, 1e-3)])
     with pytest.raises(InputError, match="not empty"):

@@ -98,7 +98,7 @@ PROTOCOL = protocol_for()
 # Each setting changes one thing from "lora" (the default: LoRA rank 4, prior preservation, the
 # binder's identifier, and the toy model's recommended steps, learning rate and text-encoder training:
 # v1 300 steps at 1e-3, UNet only; v2 400 steps at 1e-3 with the text encoder; v3 300 steps at 1e-3 with
-# the text encoder, and `full` 400 steps at 1e-4). The class-noun ablation
+# the text encoder, and `full` 400 steps at 1e-4; v4 the same but `full` 300 steps at 7e-5). The class-noun ablation
 # runs without prior preservation, as "a [V]" alone has no class prompt to preserve: it is read against
 # "lora-noppl". The adapter kinds (the last four) change the strategy, sized to LoRA rank 4's trainable
 # parameters on the toy UNet (`benchmarks/adapter_params.py` counts them); like every setting but
