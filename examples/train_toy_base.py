@@ -15,6 +15,7 @@ result is a diffusers folder, `WORK_DIR/pipeline`, that `StableDiffusionPipeline
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -32,6 +33,12 @@ def cycle(text: str) -> tuple[int, float]:
         raise argparse.ArgumentTypeError(f"{text!r} is not STEPS:PEAK, e.g. 3000:2e-4") from None
 
 
+def _is_branch_of(work_dir: Path, source: Path) -> bool:
+    recipe = work_dir / "recipe.json"
+    branched = json.loads(recipe.read_text()).get("branched_from", {}) if recipe.is_file() else {}
+    return branched.get("work_dir") == str(source)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", type=Path, required=True)
@@ -46,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     work_dir, source = args.pop("work_dir"), args.pop("branch_from")
     try:
         if source is not None:
-            branch_run(source, work_dir, args.pop("restarts") or [])
+            restarts = args.pop("restarts") or []
+            if not _is_branch_of(work_dir, source):  # else a paused branch: the same command continues it
+                branch_run(source, work_dir, restarts)
         # A started run continues with the settings it began with (recorded in WORK_DIR/recipe.json).
         config = config_for(work_dir, **{k: v for k, v in args.items() if v is not None})
         folder = run(config)

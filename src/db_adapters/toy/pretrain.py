@@ -230,7 +230,7 @@ def branch_run(source: str | Path, target: str | Path, restarts: list[tuple[int,
     recipe["branched_from"] = {"work_dir": str(source), "step": step}
     for unfinished in ("stage_denoiser", "stage_export"):  # their wall times are recorded again when they end
         recipe.get("stages", {}).pop(unfinished, None)
-    config = PretrainConfig(**{**recorded, "work_dir": target})
+    config = PretrainConfig(**{"restarts": (), **recorded, "work_dir": target})  # an older recipe had none
     config.restarts = (*config.restarts, *PretrainConfig(target, restarts=tuple(restarts)).restarts)
     recipe["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
     (target / "recipe.json").write_text(json.dumps(recipe, indent=1, sort_keys=True))
