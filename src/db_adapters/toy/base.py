@@ -258,7 +258,8 @@ def model_name(folder: str | Path | None = None) -> str:
         >>> model_name()
         'v3'
     """
-    return RELEASED.get(weights_digest(folder)) or f"{architecture_name(folder)}-{weights_digest(folder)[:8]}"
+    digest = weights_digest(folder)
+    return RELEASED.get(digest) or f"{architecture_name(folder)}-{digest[:8]}"
 
 
 def architecture_of(unet_channels: int, vae_channels: int | None = None) -> str:
