@@ -6,8 +6,9 @@
     python benchmarks/quality_toy.py --report             # only rewrite the table from cached runs
 
 Each finished (setting, subject) run is cached as JSON under `--results-dir/runs/`, keyed by the
-frozen protocol's digest, so an interrupted grid continues where it stopped and a changed protocol
-never mixes with old numbers. The table goes to `--results-dir/quality_toy.md`.
+frozen protocol's digest and the model's recommended settings, so an interrupted grid continues where
+it stopped and a changed protocol or recommendation never mixes with old numbers. The table goes to
+`--results-dir/quality_toy.md`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from db_adapters.pipelines import read_recommendations
+from db_adapters.toy.base import base_dir
 from db_adapters.toy.benchmark import (
     ATTRIBUTE_COLUMNS,
     CONFIGS,
@@ -55,6 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.protocol = protocol_for(args.model)  # the base model is part of the protocol
     except FileNotFoundError as error:
         parser.error(str(error))
+    args.recommendations = read_recommendations(args.model or base_dir())  # a cached run must match them
     if args.results_dir is None:
         # v1's grid stays where it was; a later base model's grid gets its own folder beside it.
         base = args.protocol.base_model
@@ -119,7 +123,7 @@ def run_grid(args: argparse.Namespace) -> float:
         (setting, subject)
         for setting in args.settings
         for subject in args.subjects
-        if cached_result(args.results_dir, setting, subject, args.protocol) is None
+        if cached_result(args.results_dir, setting, subject, args.protocol, args.recommendations) is None
     ]
     print(f"{len(todo)} runs to do ({len(args.settings) * len(args.subjects)} in the selection)", flush=True)
     started = time.time()
@@ -157,7 +161,7 @@ def collect(args: argparse.Namespace) -> list[dict]:
     results = []
     for setting in CONFIGS:
         for subject in PROTOCOL.subjects:
-            result = cached_result(args.results_dir, setting, subject, args.protocol)
+            result = cached_result(args.results_dir, setting, subject, args.protocol, args.recommendations)
             if result is not None:
                 results.append(result)
     return results

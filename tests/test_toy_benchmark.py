@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from db_adapters.errors import InputError
+from db_adapters.pipelines import read_recommendations
 from db_adapters.toy import SUBJECTS, render
 from db_adapters.toy.benchmark import (
     ATTRIBUTE_COLUMNS,
@@ -159,6 +160,15 @@ def test_one_run_end_to_end_is_cached_and_tabled(small_toy_dir, tmp_path):
     save_result(tmp_path, result, protocol)
     assert cached_result(tmp_path, "lora", "star_box", protocol)["scores"] == result["scores"]
     assert cached_result(tmp_path, "lora", "star_box", PROTOCOL) is None  # another protocol: not reused
+    # The run recorded the model's recommendations; once they are edited, it no longer stands for them.
+    recommended = read_recommendations(small_toy_dir)
+    assert result["recommendations"] == recommended and recommended["steps"] > 0
+    assert cached_result(tmp_path, "lora", "star_box", protocol, recommended) is not None
+    edited = {**recommended, "steps": recommended["steps"] + 100}
+    assert cached_result(tmp_path, "lora", "star_box", protocol, edited) is None
+    unrecorded = {k: v for k, v in result.items() if k != "recommendations"}  # cached before runs recorded them
+    save_result(tmp_path, unrecorded, protocol)
+    assert cached_result(tmp_path, "lora", "star_box", protocol, edited) is not None
     table = markdown_table(summarize([result]))
     assert "| lora | 1 |" in table
     by_attribute = markdown_table(summarize([result]), "all", ATTRIBUTE_COLUMNS)

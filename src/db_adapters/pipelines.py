@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .families import family_of
@@ -79,9 +80,24 @@ def recommended_settings(pipe: DiffusionPipeline, strategy: str | None = None) -
         >>> recommended_settings(load_base_pipeline(), "full")["learning_rate"] > 0
         True
     """
-    from pathlib import Path
+    settings = read_recommendations(model_id(pipe))
+    shared = {k: v for k, v in settings.items() if k in RECOMMENDABLE}
+    per_strategy = settings.get("strategies", {})
+    own = per_strategy.get(strategy, {}) if isinstance(per_strategy, dict) and strategy else {}
+    return shared | (own if isinstance(own, dict) else {})
 
-    folder = model_id(pipe)
+
+def read_recommendations(folder: str | Path) -> dict[str, Any]:
+    """The whole `db_adapters.json` of a model folder as written, or {} when it has none (or a hub id).
+
+    Args:
+        folder (`str | Path`): the model folder ('' for a pipeline built in memory).
+
+    Example:
+        >>> from db_adapters.toy.base import base_dir
+        >>> read_recommendations(base_dir())["strategies"]["lora"]["rank"]
+        4
+    """
     path = Path(folder) / RECOMMENDATIONS_FILE if folder else None
     if path is None or not path.is_file():
         return {}
@@ -89,12 +105,7 @@ def recommended_settings(pipe: DiffusionPipeline, strategy: str | None = None) -
         settings = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return {}
-    if not isinstance(settings, dict):
-        return {}
-    shared = {k: v for k, v in settings.items() if k in RECOMMENDABLE}
-    per_strategy = settings.get("strategies", {})
-    own = per_strategy.get(strategy, {}) if isinstance(per_strategy, dict) and strategy else {}
-    return shared | (own if isinstance(own, dict) else {})
+    return settings if isinstance(settings, dict) else {}
 
 
 def model_id(pipe: DiffusionPipeline) -> str:

@@ -83,7 +83,7 @@ def protocol_for(model: str | Path | None = None) -> Protocol:
 
     Example:
         >>> protocol_for().base_model  # the shipped model's name
-        'v3'
+        'v4'
     """
     from .base import architecture_name, model_name
 
@@ -397,6 +397,7 @@ def run_one(
         True
     """
     from ..adapter import unload_adapter
+    from ..pipelines import model_id, read_recommendations
 
     subject = SUBJECTS[plan.subject]
     references = subject.reference_images(protocol.reference_count)
@@ -419,6 +420,9 @@ def run_one(
         "identifier": identifier,
         "instance_prompt": instance_prompt,
         "plan": asdict(plan),
+        # What the settings the plan leaves out resolved from: editing the model's recommendations
+        # must not let a cached run stand for the new ones (`cached_result` compares them).
+        "recommendations": read_recommendations(model_id(pipe)),
         "scores": scores,
         "train_s": round(train_s, 2),
         "wall_s": round(time.perf_counter() - started, 2),
@@ -432,13 +436,39 @@ def result_path(results_dir: Path, setting: str, subject: str) -> Path:
     return Path(results_dir) / "runs" / setting / f"{subject}.json"
 
 
-def cached_result(results_dir: Path, setting: str, subject: str, protocol: Protocol = PROTOCOL) -> dict | None:
-    """A finished run's result, or None when missing or made under another protocol or base model."""
+def cached_result(
+    results_dir: Path,
+    setting: str,
+    subject: str,
+    protocol: Protocol = PROTOCOL,
+    recommendations: dict[str, Any] | None = None,
+) -> dict | None:
+    """A finished run's result, or None when missing or made under another protocol, base model or
+    recommendation.
+
+    Args:
+        results_dir (`Path`): the grid's results folder (runs are under `runs/SETTING/SUBJECT.json`).
+        setting (`str`): a `CONFIGS` name.
+        subject (`str`): a toy subject's name.
+        protocol (`Protocol`): the protocol the run must have been made under.
+        recommendations (`dict | None`): the model folder's `db_adapters.json` now
+            (`pipelines.read_recommendations`); a run made under other recommendations is not reused.
+            Runs cached before runs recorded them (the v1-v4 grids, to 2026-12-07) are taken as they are.
+            None: not checked.
+
+    Example:
+        >>> cached_result(Path("benchmarks/results/quality_toy_v4"), "lora", "star_box")["setting"]
+        'lora'
+    """
     path = result_path(results_dir, setting, subject)
     if not path.is_file():
         return None
     result = json.loads(path.read_text())
-    return result if result.get("protocol") == protocol.digest() else None
+    if result.get("protocol") != protocol.digest():
+        return None
+    if recommendations is not None and result.get("recommendations", recommendations) != recommendations:
+        return None
+    return result
 
 
 def save_result(results_dir: Path, result: dict[str, Any], protocol: Protocol = PROTOCOL) -> Path:
