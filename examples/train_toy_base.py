@@ -21,7 +21,8 @@ from dataclasses import fields
 from pathlib import Path
 
 from db_adapters.errors import InputError
-from db_adapters.toy.pretrain import OutOfTime, PretrainConfig, branch_run, config_for, run
+from db_adapters.toy.pretrain import OutOfTime, run
+from db_adapters.toy.recipe import PretrainConfig, branch_run, config_for
 
 
 def cycle(text: str) -> tuple[int, float]:

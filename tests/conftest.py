@@ -142,7 +142,8 @@ def render_np(pipe, prompt: str = "a dog", seed: int = 0, steps: int = 3):
 @pytest.fixture(scope="session")
 def small_toy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A toy base model trained by the real recipe at toy scale (seconds): the shipped model's code path."""
-    from db_adapters.toy.pretrain import PretrainConfig, run
+    from db_adapters.toy.pretrain import run
+    from db_adapters.toy.recipe import PretrainConfig
 
     work = tmp_path_factory.mktemp("toy-base")
     # v1's smaller architecture: the same classes and code path, quicker for the many tests that use it

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from db_adapters.toy import pretrain
+from db_adapters.toy import pretrain, recipe
 from db_adapters.toy.base import MAX_TOKENS, RECOMMENDED_BY_ARCHITECTURE, load_base_pipeline, toy_caption_words
 
 SMALL = {
@@ -25,7 +25,7 @@ SMALL = {
 
 
 def config(work, **overrides):
-    return pretrain.PretrainConfig(work_dir=work, checkpoint_every=3, log_every=1, threads=1, **(SMALL | overrides))
+    return recipe.PretrainConfig(work_dir=work, checkpoint_every=3, log_every=1, threads=1, **(SMALL | overrides))
 
 
 def test_recipe_runs_end_to_end_into_a_loadable_pipeline(tmp_path):
@@ -35,9 +35,9 @@ def test_recipe_runs_end_to_end_into_a_loadable_pipeline(tmp_path):
     assert pipe.tokenizer.model_max_length == MAX_TOKENS
     image = pipe("a red box on the grass", num_inference_steps=2, output_type="np").images
     assert image.shape == (1, 32, 32, 3)
-    recipe = (tmp_path / "recipe.json").read_text()
+    recipe_text = (tmp_path / "recipe.json").read_text()
     stages = ("stage_dataset", "stage_vae", "stage_decoder", "stage_denoiser", "stage_export")
-    assert all(stage in recipe for stage in stages)
+    assert all(stage in recipe_text for stage in stages)
     lines = (tmp_path / "denoiser_loss.csv").read_text().splitlines()
     assert lines[0] == "step,loss,lr,elapsed_s"
     assert_decoder_stage_tuned_the_decoder_alone(tmp_path, pipe.vae.state_dict())
@@ -69,26 +69,26 @@ def test_the_defaults_are_the_shipped_models_recorded_recipe():
     # "The defaults produced the shipped weights": v4's run recorded every weight-shaping setting.
     from pathlib import Path
 
-    recipe = Path(__file__).resolve().parents[1] / "toy_training" / "toy-base-v4" / "recipe.json"
-    recorded = json.loads(recipe.read_text())["config"]
-    defaults = pretrain.PretrainConfig(work_dir=Path("."))
-    as_recorded = json.loads(json.dumps({name: getattr(defaults, name) for name in pretrain._WEIGHT_SETTINGS}))
-    assert as_recorded == {name: recorded[name] for name in pretrain._WEIGHT_SETTINGS}
+    recipe_file = Path(__file__).resolve().parents[1] / "toy_training" / "toy-base-v4" / "recipe.json"
+    recorded = json.loads(recipe_file.read_text())["config"]
+    defaults = recipe.PretrainConfig(work_dir=Path("."))
+    as_recorded = json.loads(json.dumps({name: getattr(defaults, name) for name in recipe.WEIGHT_SETTINGS}))
+    assert as_recorded == {name: recorded[name] for name in recipe.WEIGHT_SETTINGS}
 
 
 def test_a_started_run_continues_with_the_settings_it_began_with(tmp_path):
     from db_adapters.errors import InputError
 
-    started = pretrain.config_for(tmp_path, architecture="v3", steps=12, rare_from_step=0, max_minutes=1.0)
-    pretrain._record(tmp_path, started)
-    resumed = pretrain.config_for(tmp_path, max_minutes=30.0, render_workers=2)  # this sitting's settings only
+    started = recipe.config_for(tmp_path, architecture="v3", steps=12, rare_from_step=0, max_minutes=1.0)
+    recipe.record_settings(tmp_path, started)
+    resumed = recipe.config_for(tmp_path, max_minutes=30.0, render_workers=2)  # this sitting's settings only
     assert (resumed.architecture, resumed.steps, resumed.rare_from_step) == ("v3", 12, 0)
     assert (resumed.max_minutes, resumed.render_workers, resumed.work_dir) == (30.0, 2, tmp_path)
-    assert pretrain.config_for(tmp_path, steps=12).steps == 12  # the same value is no change
+    assert recipe.config_for(tmp_path, steps=12).steps == 12  # the same value is no change
     with pytest.raises(InputError, match=r"steps=10000 \(the run has 12\).*new --work-dir"):
-        pretrain.config_for(tmp_path, steps=10_000)
+        recipe.config_for(tmp_path, steps=10_000)
     with pytest.raises(InputError, match=r"steps=10000 \(the run has 12\)"):
-        pretrain.run(pretrain.PretrainConfig(work_dir=tmp_path, architecture="v3", steps=10_000, rare_from_step=0))
+        pretrain.run(recipe.PretrainConfig(work_dir=tmp_path, architecture="v3", steps=10_000, rare_from_step=0))
 
 
 def test_a_run_recorded_by_an_older_recipe_must_name_what_it_did_not_record(tmp_path):
@@ -97,10 +97,10 @@ def test_a_run_recorded_by_an_older_recipe_must_name_what_it_did_not_record(tmp_
 
     (tmp_path / "recipe.json").write_text(json.dumps({"config": {"steps": 8000, "seed": 0}}))
     with pytest.raises(InputError, match="does not record.*architecture"):
-        pretrain.config_for(tmp_path)
-    every_other = {name: getattr(pretrain.PretrainConfig(tmp_path), name) for name in pretrain._WEIGHT_SETTINGS}
+        recipe.config_for(tmp_path)
+    every_other = {name: getattr(recipe.PretrainConfig(tmp_path), name) for name in recipe.WEIGHT_SETTINGS}
     named = {**every_other, "architecture": "v1", "steps": 8000}
-    assert pretrain.config_for(tmp_path, **named).architecture == "v1"
+    assert recipe.config_for(tmp_path, **named).architecture == "v1"
 
 
 def test_caption_words_are_single_tokens(tmp_path):
@@ -169,8 +169,8 @@ def test_paused_run_resumes_bit_exactly(tmp_path, monkeypatch):
 
 def test_a_restart_is_a_new_warmed_up_cosine_cycle_after_the_first():
     schedule = {"steps": 100, "learning_rate": 1e-3, "warmup_steps": 10}
-    first = pretrain.PretrainConfig(work_dir=".", **schedule, restarts=())
-    grown = pretrain.PretrainConfig(work_dir=".", **schedule, restarts=[[50, "2e-4"]])  # as recipe.json holds it
+    first = recipe.PretrainConfig(work_dir=".", **schedule, restarts=())
+    grown = recipe.PretrainConfig(work_dir=".", **schedule, restarts=[[50, "2e-4"]])  # as recipe.json holds it
     assert grown.restarts == ((50, 2e-4),) and grown.denoiser_steps == 150
     assert [pretrain._denoiser_lr(step, grown) for step in range(100)] == [
         pretrain._denoiser_lr(step, first) for step in range(100)
@@ -192,10 +192,10 @@ def test_a_branched_run_ends_as_the_straight_run_with_its_restarts(tmp_path):
         copy(tmp_path / "finished" / stage_output, tmp_path / "straight" / stage_output)
     pretrain.run(config(tmp_path / "straight", restarts=((3, 1e-3),)))
     source_recipe = (tmp_path / "finished" / "recipe.json").read_text()
-    pretrain.branch_run(tmp_path / "finished", tmp_path / "branch", [(3, 1e-3)])
+    recipe.branch_run(tmp_path / "finished", tmp_path / "branch", [(3, 1e-3)])
     with pytest.raises(InputError, match="not empty"):
-        pretrain.branch_run(tmp_path / "finished", tmp_path / "branch", [(3, 1e-3)])
-    branch = pretrain.config_for(tmp_path / "branch", checkpoint_every=3, log_every=1, threads=1)
+        recipe.branch_run(tmp_path / "finished", tmp_path / "branch", [(3, 1e-3)])
+    branch = recipe.config_for(tmp_path / "branch", checkpoint_every=3, log_every=1, threads=1)
     assert branch.restarts == ((3, 1e-3),) and branch.denoiser_steps == 9
     pretrain.run(branch)
 
@@ -206,9 +206,9 @@ def test_a_branched_run_ends_as_the_straight_run_with_its_restarts(tmp_path):
     assert all(torch.equal(straight[k], branched[k]) for k in straight)
     finished = UNet2DConditionModel.from_pretrained(tmp_path / "finished" / "unet").state_dict()
     assert not all(torch.equal(finished[k], branched[k]) for k in finished)
-    recipe = json.loads((tmp_path / "branch" / "recipe.json").read_text())
-    assert recipe["branched_from"]["step"] == 6
-    assert [(s["stage"], s["from_step"], s["to_step"]) for s in recipe["sittings"]][-2:] == [
+    branch_record = json.loads((tmp_path / "branch" / "recipe.json").read_text())
+    assert branch_record["branched_from"]["step"] == 6
+    assert [(s["stage"], s["from_step"], s["to_step"]) for s in branch_record["sittings"]][-2:] == [
         ("denoiser", 0, 6),
         ("denoiser", 6, 9),
     ]
@@ -220,12 +220,12 @@ def test_a_branch_needs_a_checkpointed_source_and_cycles(tmp_path):
     from db_adapters.errors import InputError
 
     with pytest.raises(InputError, match="not a run with a denoiser checkpoint"):
-        pretrain.branch_run(tmp_path / "nothing", tmp_path / "branch", [(3, 1e-3)])
+        recipe.branch_run(tmp_path / "nothing", tmp_path / "branch", [(3, 1e-3)])
     (tmp_path / "run" / "denoiser_checkpoints").mkdir(parents=True)
-    pretrain._record(tmp_path / "run", config(tmp_path / "run"))
+    recipe.record_settings(tmp_path / "run", config(tmp_path / "run"))
     pretrain.save_checkpoint(tmp_path / "run" / "denoiser_checkpoints" / "denoiser-0000006", {}, {"step": 6})
     with pytest.raises(InputError, match="--restarts STEPS:PEAK"):
-        pretrain.branch_run(tmp_path / "run", tmp_path / "branch", [])
+        recipe.branch_run(tmp_path / "run", tmp_path / "branch", [])
     assert not (tmp_path / "branch").exists()
 
 
