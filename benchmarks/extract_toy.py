@@ -5,7 +5,7 @@
 
 One full fine-tune of one toy subject on the shipped toy base model, run as the toy benchmark runs its
 "full-noppl" setting (`personalize_as_planned`: the model's recommended steps, at the protocol's full
-learning rate or, where the protocol leaves it to the model (v2), the model's; without prior
+learning rate or, where the protocol leaves it to the model (v2 and later), the model's; without prior
 preservation, as the setting with the clearest identity to lose), then LoRAs extracted at fixed
 ranks and at energy thresholds. Each one, and the full fine-tune and the base model, generates the toy
 benchmark's samples (`generate_samples`, the frozen protocol's prompts and seeds) and is scored by the

@@ -227,6 +227,13 @@ def test_a_branch_needs_a_checkpointed_source_and_cycles(tmp_path):
     with pytest.raises(InputError, match="--restarts STEPS:PEAK"):
         recipe.branch_run(tmp_path / "run", tmp_path / "branch", [])
     assert not (tmp_path / "branch").exists()
+    # Branched from a checkpoint older than the run's end, the loss log stops at the checkpoint's step.
+    log = "step,loss,lr,elapsed_s\n3,0.5,1e-3,1\n6,0.4,1e-3,2\n9,0.3,0,3\n"
+    (tmp_path / "run" / "denoiser_loss.csv").write_text(log)
+    recipe.branch_run(tmp_path / "run", tmp_path / "branch", [(3, 1e-3)])
+    logged = (tmp_path / "branch" / "denoiser_loss.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in logged] == ["step", "3", "6"]
+    assert (tmp_path / "run" / "denoiser_loss.csv").read_text() == log  # the source is not touched
 
 
 def test_rare_stream_draws_images_with_a_second_colour_or_mark_and_names_both():

@@ -1,8 +1,8 @@
 """The toy base model: a real, tiny `StableDiffusionPipeline` for the toy world, and where it ships.
 
-Architecture (`ARCHITECTURES`; "v3" is the shipped one, "v1" the first, which followed "a {colour}
-{pattern} {class}" but rarely drew a named second colour or mark, "v2" the second, whose VAE lost small
-details):
+Architecture (`ARCHITECTURES`; "v3" is the shipped model's: v4 is v3's weights trained further; "v1" the
+first, which followed "a {colour} {pattern} {class}" but rarely drew a named second colour or mark, "v2"
+the second, whose VAE lost small details):
 - `AutoencoderKL` with one downsampling: 32x32 RGB <-> 16x16x4 latents. v3: channels (48, 96), two
   layers a block; v1 and v2: channels (32, 64), one layer a block.
 - `UNet2DConditionModel` on 16x16 latents with cross-attention in the two lower levels. v2 and v3: channels
@@ -233,7 +233,7 @@ def weights_digest(folder: str | Path | None = None) -> str:
 
     Example:
         >>> RELEASED[weights_digest()]  # the shipped model
-        'v3'
+        'v4'
     """
     import hashlib
 
@@ -246,7 +246,7 @@ def weights_digest(folder: str | Path | None = None) -> str:
 
 
 def model_name(folder: str | Path | None = None) -> str:
-    """The name a toy model's benchmark numbers go under: a shipped model's ("v3"), else architecture and digest.
+    """The name a toy model's benchmark numbers go under: a shipped model's ("v4"), else architecture and digest.
 
     Cached benchmark runs are keyed by this name, so a model trained again with a shipped one's
     architecture ("v3-1a2b3c4d") never reads that model's runs as its own.
@@ -256,7 +256,7 @@ def model_name(folder: str | Path | None = None) -> str:
 
     Example:
         >>> model_name()
-        'v3'
+        'v4'
     """
     digest = weights_digest(folder)
     return RELEASED.get(digest) or f"{architecture_name(folder)}-{digest[:8]}"

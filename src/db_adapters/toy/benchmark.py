@@ -63,11 +63,12 @@ class Protocol:
     rare_letters: str = "sks"  # the community's pick: split into letters by the toy tokenizer
     # The "full" setting's learning rate; None: the model folder's recommendation for `full`, as LoRA
     # uses its recommendation. v1 recommended one rate for every strategy, so its protocol fixed this
-    # one; v2 and v3 recommend a rate per strategy, and `protocol_for` gives them None.
+    # one; v2 and later recommend a rate per strategy, and `protocol_for` gives them None.
     full_learning_rate: float | None = 1e-4
     # The base model the numbers belong to (`base.model_name` of its folder): a shipped model's name, "v1"
-    # (the first 1.7M-parameter UNet), "v2" (the retrained one) or "v3" (v2 on a wider VAE), or for other
-    # weights their architecture and digest ("v3-1a2b3c4d"). `protocol_for` reads it off a model folder.
+    # (the first 1.7M-parameter UNet), "v2" (the retrained one), "v3" (v2 on a wider VAE) or "v4" (v3
+    # trained further), or for other weights their architecture and digest ("v3-1a2b3c4d").
+    # `protocol_for` reads it off a model folder.
     base_model: str = "v1"
 
     def digest(self) -> str:

@@ -505,7 +505,7 @@ def checkpoint_pipeline(work: Path) -> Any:
         work (`Path`): the recipe's work dir.
 
     Example:
-        >>> pipe = checkpoint_pipeline(Path("toy_training/toy-base-v2"))  # doctest: +SKIP
+        >>> pipe = checkpoint_pipeline(Path("runs/toy-base"))  # doctest: +SKIP
     """
     from diffusers import AutoencoderKL
 

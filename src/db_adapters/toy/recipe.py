@@ -7,10 +7,11 @@ The stages that train the model are in `pretrain`.
 
 The defaults are the shipped (v4) model's recipe. v4 is v3's run (steps 0-12,000) grown by one more cosine
 cycle of 3,000 steps at a peak rate of 2e-4 (`restarts`), made with `branch_run` from v3's last checkpoint;
-v3 was the same recipe without it. The first model (v1) was `architecture="v1",
+v3 was the same recipe with `restarts=()`. The first model (v1) was `architecture="v1", vae_steps=1200,
 caption_omission=0.5, class_only_captions=0.0, snr_gamma=None, steps=8000, export_unet_dtype="float32",
-decoder_steps=0, rare_share=0.0`. The second (v2: v3's denoiser on a smaller VAE) was `architecture="v2",
-vae_steps=1200, decoder_steps=4000, rare_from_step=7396, steps=10000`.
+decoder_steps=0, rare_share=0.0, restarts=()`. The second (v2: v3's denoiser on a smaller VAE) was
+`architecture="v2", vae_steps=1200, decoder_steps=4000, rare_from_step=7396, steps=10000, restarts=()`.
+Each run's own recipe.json (toy_training/) records what it was run with.
 """
 
 from __future__ import annotations
@@ -200,6 +201,7 @@ def branch_run(source: str | Path, target: str | Path, restarts: list[tuple[int,
         shutil.copy2(path, target / path.relative_to(source))
     recipe = json.loads((source / "recipe.json").read_text())
     step = json.loads(checkpoint.with_suffix(".json").read_text())["step"]
+    _cut_log_after(target / "denoiser_loss.csv", step)
     recipe["branched_from"] = {"work_dir": str(source), "step": step}
     for unfinished in ("stage_denoiser", "stage_export"):  # their wall times are recorded again when they end
         recipe.get("stages", {}).pop(unfinished, None)
@@ -208,6 +210,14 @@ def branch_run(source: str | Path, target: str | Path, restarts: list[tuple[int,
     recipe["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
     (target / "recipe.json").write_text(json.dumps(recipe, indent=1, sort_keys=True))
     return config
+
+
+def _cut_log_after(log: Path, step: int) -> None:
+    # A branch from an older checkpoint (v3's committed 10,582 of 12,000) logs those steps again.
+    if log.is_file():
+        header, *rows = log.read_text().splitlines()
+        kept = [row for row in rows if int(row.split(",", 1)[0]) <= step]
+        log.write_text("\n".join([header, *kept]) + "\n")
 
 
 def _link_tree(source: Path, target: Path) -> None:
