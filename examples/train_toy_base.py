@@ -46,7 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--branch-from", type=Path, default=None, help="a run to continue in --work-dir (new)")
     for field in fields(PretrainConfig):
         if field.name == "restarts":
-            parser.add_argument("--restarts", type=cycle, nargs="+", default=None, metavar="STEPS:PEAK")
+            parser.add_argument(
+                "--restarts",
+                type=cycle,
+                nargs="*",
+                default=None,
+                metavar="STEPS:PEAK",
+                help="further cosine cycles of the denoiser; the flag alone: none (v3's recipe)",
+            )
         elif field.name != "work_dir":
             kind = {"float": float, "float | None": float, "str": str}.get(field.type, int)
             parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=None)

@@ -7,10 +7,11 @@ The stages that train the model are in `pretrain`.
 
 The defaults are the shipped (v4) model's recipe. v4 is v3's run (steps 0-12,000) grown by one more cosine
 cycle of 3,000 steps at a peak rate of 2e-4 (`restarts`), made with `branch_run` from v3's last checkpoint;
-v3 was the same recipe with `restarts=()`. The first model (v1) was `architecture="v1", vae_steps=1200,
-caption_omission=0.5, class_only_captions=0.0, snr_gamma=None, steps=8000, export_unet_dtype="float32",
-decoder_steps=0, rare_share=0.0, restarts=()`. The second (v2: v3's denoiser on a smaller VAE) was
-`architecture="v2", vae_steps=1200, decoder_steps=4000, rare_from_step=7396, steps=10000, restarts=()`.
+v3 was the same recipe with `restarts=()` (`--restarts` alone). The first model (v1) was
+`architecture="v1", vae_steps=1200, caption_omission=0.5, class_only_captions=0.0, snr_gamma=None,
+steps=8000, export_unet_dtype="float32", decoder_steps=0, rare_share=0.0, restarts=()`. The second (v2:
+v3's denoiser on a smaller VAE) was `architecture="v2", vae_steps=1200, decoder_steps=4000,
+rare_from_step=7396, steps=10000, restarts=()`.
 Each run's own recipe.json (toy_training/) records what it was run with.
 """
 
