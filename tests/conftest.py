@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from db_adapters.testing import bytes_to_unicode
+from db_adapters.tiny_tokenizers import bytes_to_unicode
 
 CLIP_VOCAB_DIR = Path.home() / ".cache" / "db_adapters_tests" / "clip_vocab"
 _BPE_MEMBER = "open_clip/bpe_simple_vocab_16e6.txt.gz"

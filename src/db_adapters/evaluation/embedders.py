@@ -365,7 +365,7 @@ def tiny_embedders(seed: int = 0, image_size: int = 32) -> Embedders:
     """
     from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
 
-    from ..testing import tiny_tokenizer
+    from ..tiny_tokenizers import tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
     layers = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}

@@ -110,7 +110,7 @@ def build_tokenizer(folder: Path) -> Any:
     """Train the toy BPE into `folder` and load it as a `CLIPTokenizer`."""
     from transformers import CLIPTokenizer
 
-    from ..testing import write_tiny_tokenizer_files
+    from ..tiny_tokenizers import write_tiny_tokenizer_files
 
     write_tiny_tokenizer_files(folder, caption_words=toy_caption_words())
     return CLIPTokenizer.from_pretrained(str(folder), model_max_length=MAX_TOKENS)
