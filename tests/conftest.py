@@ -16,6 +16,11 @@ import pytest
 
 from db_adapters.tiny_tokenizers import bytes_to_unicode
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n 2` on two cores: one thread per worker, so the workers do not fight over the cores
+    # (and subprocesses the tests start inherit it).
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 CLIP_VOCAB_DIR = Path.home() / ".cache" / "db_adapters_tests" / "clip_vocab"
 _BPE_MEMBER = "open_clip/bpe_simple_vocab_16e6.txt.gz"
 _PIP_TIMEOUT_S = 120
@@ -68,6 +73,13 @@ def _fetch_clip_vocab() -> None:
         except OSError:
             if not (CLIP_VOCAB_DIR / "merges.txt").is_file():
                 raise
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
