@@ -87,6 +87,7 @@ def warm_class_images(args: argparse.Namespace) -> None:
             noun,
             steps=1,
             progress=False,
+            class_precision="no",  # as `personalize_as_planned` makes them
             class_image_dir=args.results_dir / "class_images",
         )
         unload_adapter(pipe)

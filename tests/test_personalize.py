@@ -285,16 +285,38 @@ def test_a_float32_pipeline_on_a_gpu_trains_in_bf16_where_the_gpu_supports_it(bf
     assert plan.resolve_mixed_precision(None, torch.float16, torch.device("cuda", 0)) == "fp16"
 
 
-def test_class_images_follow_the_runs_precision_unless_told(subject_images, fast, monkeypatch):
-    from db_adapters import api
+@pytest.mark.parametrize(("cpu_bf16", "on_cpu"), [(False, "no"), (True, "bf16")])
+def test_class_images_follow_the_runs_precision_unless_told(cpu_bf16, on_cpu, subject_images, fast, monkeypatch):
+    from db_adapters import api, plan
 
+    monkeypatch.setattr(plan, "_cpu_bf16_native", lambda: cpu_bf16)
     seen = []
     real = api.make_class_images
     monkeypatch.setattr(api, "make_class_images", lambda *a, **k: seen.append(k["precision"]) or real(*a, **k))
     personalize(tiny_pipeline(), subject_images, "dog", **fast)
     personalize(tiny_pipeline(), subject_images, "dog", class_precision="bf16", **fast)
     personalize(tiny_pipeline().to(dtype=torch.bfloat16), subject_images, "dog", **fast)  # generates in bf16 as is
-    assert seen == ["no", "bf16", "no"]
+    personalize(tiny_pipeline(), subject_images, "dog", class_precision="no", **fast)
+    assert seen == [on_cpu, "bf16", "no", "no"]  # a float32 pipeline on a CPU with native bf16: bf16
+
+
+@pytest.mark.parametrize(
+    ("requested", "mixed_precision", "dtype", "device", "cpu_bf16", "expected"),
+    [
+        (None, "bf16", "float32", "cuda", False, "bf16"),  # the run's autocast, on a GPU
+        (None, "no", "float32", "cuda", True, "no"),  # a GPU run in fp32 asked for: the CPU's flags don't matter
+        (None, "no", "float32", "cpu", True, "bf16"),
+        (None, "no", "float32", "cpu", False, "no"),  # emulated bf16 is slower than fp32
+        (None, "fp16", "float16", "cuda", True, "no"),  # generates in its own dtype
+        ("fp16", "no", "float32", "cpu", True, "fp16"),  # asked for: kept
+    ],
+)
+def test_class_precision_left_unset(requested, mixed_precision, dtype, device, cpu_bf16, expected, monkeypatch):
+    from db_adapters import plan
+
+    monkeypatch.setattr(plan, "_cpu_bf16_native", lambda: cpu_bf16)
+    resolved = plan.resolve_class_precision(requested, mixed_precision, getattr(torch, dtype), torch.device(device))
+    assert resolved == expected
 
 
 @pytest.mark.parametrize("mixed_precision", ["no", "fp16"])

@@ -180,7 +180,8 @@ class TrainConfig:
     class_precision: str | None = setting(
         None,
         "Autocast of the class-image generation: 'no', 'fp16' or 'bf16'; None: a float32 pipeline's under the "
-        "run's mixed precision (bf16 on most GPUs, none on the CPU), a half-precision one as it is.",
+        "run's mixed precision (bf16 on most GPUs), or bf16 on a CPU that computes it natively (AVX512-BF16, "
+        "AMX); a half-precision one as it is.",
         choices=MIXED_PRECISION,
     )
     class_image_dir: Path | None = setting(None, "The class-image cache; None: output_dir/class_images.")

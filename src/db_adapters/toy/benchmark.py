@@ -368,6 +368,9 @@ def personalize_as_planned(
         instance_prompt=instance_prompt,
         prior_preservation=plan.prior_preservation,
         class_image_dir=class_image_dir,
+        # fp32 class images on every CPU (the default is bf16 where the CPU computes it natively): the
+        # grid's figures were made so, and stay the same on machines with and without bf16 hardware.
+        class_precision="no",
         seed=protocol.train_seed,
         progress=False,
         **options,
