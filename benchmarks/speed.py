@@ -84,6 +84,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=50,
         help="the reference's steps per class image (50: the pipeline's default, which the example uses)",
     )
+    parser.add_argument(
+        "--class-precision",
+        choices=("no", "fp16", "bf16"),
+        default=None,
+        help="our class images' autocast (default: personalize's choice, bf16 on a CPU that computes it natively)",
+    )
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -162,6 +168,7 @@ class Clock:
         self.phases: dict[str, float] = {}
         self.step_times: list[float] = []
         self.peak_by: dict[str, float] = {}
+        self.notes: dict[str, str] = {}  # settings the run chose, written beside the figures
 
     def timed(self, name: str, function):
         def wrapper(*args, **kwargs):
@@ -186,10 +193,17 @@ def run_ours(args: argparse.Namespace, pipe, clock: Clock, work: Path) -> None:
     """`personalize` with its phases timed through `db_adapters.api`'s own functions."""
     import db_adapters.api as api
 
-    originals = {name: getattr(api, name) for name in ("_prior_images", "training_set", "_train")}
+    originals = {name: getattr(api, name) for name in ("_prior_images", "training_set", "_train", "make_class_images")}
     names = {"_prior_images": "class_images_s", "training_set": "encoding_s", "_train": "training_s"}
     for attribute, function in originals.items():
-        setattr(api, attribute, clock.timed(names[attribute], function))
+        if attribute in names:
+            setattr(api, attribute, clock.timed(names[attribute], function))
+
+    def class_images_noting_precision(*a, **k):
+        clock.notes["class_precision"] = k["precision"]  # what personalize chose, for the row
+        return originals["make_class_images"](*a, **k)
+
+    api.make_class_images = class_images_noting_precision
     try:
         adapter = api.personalize(
             pipe,
@@ -202,6 +216,7 @@ def run_ours(args: argparse.Namespace, pipe, clock: Clock, work: Path) -> None:
             rank=args.rank,
             learning_rate=1e-4,
             mixed_precision="no",
+            class_precision=args.class_precision,
             progress=False,
             output_dir=work,
             seed=0,
@@ -324,7 +339,7 @@ def measure(args: argparse.Namespace) -> dict:
         figures[f"rss_mb_by_{phase.removesuffix('_s')}"] = clock.peak_by.get(phase, float("nan"))
     if args.device.startswith("cuda"):
         figures["peak_vram_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    return figures
+    return figures | clock.notes
 
 
 def _peak_rss_mb() -> float:
@@ -385,6 +400,7 @@ def _passed_on(args: argparse.Namespace) -> list[str]:
     passed = ["--pipeline", args.pipeline, "--steps", str(args.steps), "--class-images", str(args.class_images)]
     passed += ["--class-steps", str(args.class_steps), "--reference-class-steps", str(args.reference_class_steps)]
     passed += ["--rank", str(args.rank), "--device", args.device]
+    passed += ["--class-precision", args.class_precision] if args.class_precision else []
     return passed + (["--threads", str(args.threads)] if args.threads else [])
 
 
@@ -403,7 +419,7 @@ def ratios(results: dict[str, dict]) -> dict[str, float]:
 
 
 def _format(figures: dict) -> str:
-    return ", ".join(f"{k} {v:.3g}" for k, v in figures.items())
+    return ", ".join(f"{k} {v:.3g}" if isinstance(v, int | float) else f"{k} {v}" for k, v in figures.items())
 
 
 def append_row(path: Path, args: argparse.Namespace, side: str, figures: dict) -> None:
