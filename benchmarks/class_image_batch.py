@@ -20,6 +20,7 @@ from speed import medium_pipeline
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--precisions", nargs="+", choices=("no", "bf16"), default=["no"])
     parser.add_argument("--images", type=int, default=8, help="images per size and round")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=2)
@@ -27,9 +28,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def generation_seconds(pipe, batch_size: int, images: int, steps: int) -> float:
+def generation_seconds(pipe, batch_size: int, images: int, steps: int, precision: str = "no") -> float:
     started = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         for _ in range(0, images, batch_size):
             pipe(["a photo of a dog"] * batch_size, num_inference_steps=steps, height=128, width=128)
     return time.perf_counter() - started
@@ -44,12 +45,18 @@ def main(argv: list[str] | None = None) -> None:
     pipe = medium_pipeline()
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)  # as `personalize` samples
     pipe.set_progress_bar_config(disable=True)
-    generation_seconds(pipe, args.batch_sizes[0], args.batch_sizes[0], args.steps)  # warm-up, not timed
+    for precision in args.precisions:  # warm-up, not timed
+        generation_seconds(pipe, args.batch_sizes[0], args.batch_sizes[0], args.steps, precision)
+    settings = [(size, precision) for precision in args.precisions for size in args.batch_sizes]
     for round_ in range(1, args.rounds + 1):
-        seconds = {size: generation_seconds(pipe, size, args.images, args.steps) for size in args.batch_sizes}
-        against_4 = ", ".join(f"{seconds.get(4, float('nan')) / s:.2f}x" for s in seconds.values())
-        timings = ", ".join(f"batch {size} {s:.1f} s" for size, s in seconds.items())
-        print(f"round {round_}: {timings} (batch 4 / each: {against_4})", flush=True)
+        seconds = {
+            (size, precision): generation_seconds(pipe, size, args.images, args.steps, precision)
+            for size, precision in settings
+        }
+        baseline = seconds.get((4, "no"), float("nan"))
+        against_4 = ", ".join(f"{baseline / s:.2f}x" for s in seconds.values())
+        timings = ", ".join(f"batch {size} {precision} {s:.1f} s" for (size, precision), s in seconds.items())
+        print(f"round {round_}: {timings} (batch 4 fp32 / each: {against_4})", flush=True)
 
 
 if __name__ == "__main__":
