@@ -319,6 +319,15 @@ def test_class_precision_left_unset(requested, mixed_precision, dtype, device, c
     assert resolved == expected
 
 
+def test_a_torch_without_the_cpu_bf16_queries_means_fp32_class_images(monkeypatch):
+    from db_adapters import plan
+
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.delattr(torch.cpu, name, raising=False)
+    assert plan._cpu_bf16_native() is False
+    assert plan.resolve_class_precision(None, "no", torch.float32, torch.device("cpu")) == "no"
+
+
 @pytest.mark.parametrize("mixed_precision", ["no", "fp16"])
 def test_a_half_pipeline_under_another_precision_is_refused_naming_both(mixed_precision, subject_images, fast):
     pipe = tiny_pipeline().to(dtype=torch.bfloat16)

@@ -308,7 +308,10 @@ def _cpu_bf16_native() -> bool:
     """Whether this CPU computes bf16 in hardware (elsewhere torch emulates it, slower than fp32)."""
     import torch
 
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    # torch has no public query for this; its private ones are read defensively, so a torch without
+    # them means fp32 class images, not an error.
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 def _cuda_bf16_supported() -> bool:
