@@ -193,11 +193,10 @@ def run_ours(args: argparse.Namespace, pipe, clock: Clock, work: Path) -> None:
     """`personalize` with its phases timed through `db_adapters.api`'s own functions."""
     import db_adapters.api as api
 
-    originals = {name: getattr(api, name) for name in ("_prior_images", "training_set", "_train", "make_class_images")}
-    names = {"_prior_images": "class_images_s", "training_set": "encoding_s", "_train": "training_s"}
-    for attribute, function in originals.items():
-        if attribute in names:
-            setattr(api, attribute, clock.timed(names[attribute], function))
+    phases = {"_prior_images": "class_images_s", "training_set": "encoding_s", "_train": "training_s"}
+    originals = {name: getattr(api, name) for name in (*phases, "make_class_images")}
+    for attribute, phase in phases.items():
+        setattr(api, attribute, clock.timed(phase, originals[attribute]))
 
     def class_images_noting_precision(*a, **k):
         clock.notes["class_precision"] = k["precision"]  # what personalize chose, for the row
